@@ -1,0 +1,82 @@
+"""Trainable-row positions: LoKI's position JSON (``[[row, ...] per layer]``) and its checks."""
+
+from __future__ import annotations
+
+import json
+import numbers
+import os
+from collections.abc import Iterable, Mapping
+from typing import Union
+
+PositionsLike = Union[str, os.PathLike, Mapping, Iterable]
+
+__all__ = ["PositionsLike", "normalize_positions", "load_positions"]
+
+
+def load_positions(path: Union[str, os.PathLike]) -> Union[list, dict]:
+    """Read a position JSON file (a list of lists, or ``{layer: rows}``) without validating it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"target_pos file {os.fspath(path)!r} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"target_pos file {os.fspath(path)!r} is not valid JSON: {e}") from None
+
+
+def normalize_positions(target_pos: PositionsLike, num_layers: int, out_features: Union[int, list[int]]) -> list[list[int]]:
+    """Validate ``target_pos`` and return one sorted list of row indices per layer.
+
+    ``target_pos`` is one list of rows per layer, a ``{layer: rows}`` dict (missing layers get no rows),
+    or a path to a JSON file holding either. Every problem raises ``ValueError`` naming the layer and
+    the offending value.
+    """
+    if isinstance(target_pos, (str, os.PathLike)):
+        target_pos = load_positions(target_pos)
+    sizes = out_features if isinstance(out_features, list) else [out_features] * num_layers
+
+    if isinstance(target_pos, Mapping):
+        per_layer: list = [[] for _ in range(num_layers)]
+        for key, rows in target_pos.items():
+            layer = _layer_key(key, num_layers)
+            per_layer[layer] = rows
+    elif isinstance(target_pos, Iterable) and not isinstance(target_pos, (bytes, str)):
+        per_layer = list(target_pos)
+        if len(per_layer) != num_layers:
+            raise ValueError(f"target_pos has {len(per_layer)} layers, but the model has {num_layers} decoder layers")
+    else:
+        raise ValueError(
+            f"target_pos must be a list of row lists, a {{layer: rows}} dict or a JSON path, "
+            f"not {type(target_pos).__name__}"
+        )
+    return [_layer_rows(layer, rows, sizes[layer]) for layer, rows in enumerate(per_layer)]
+
+
+def _layer_key(key, num_layers: int) -> int:
+    if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        layer = int(key)
+    elif isinstance(key, numbers.Integral) and not isinstance(key, bool):
+        layer = int(key)
+    else:
+        raise ValueError(f"target_pos key {key!r} is not a layer index")
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"target_pos layer {layer} is out of range: the model has {num_layers} decoder layers")
+    return layer
+
+
+def _layer_rows(layer: int, rows, size: int) -> list[int]:
+    if hasattr(rows, "tolist"):  # numpy arrays and torch tensors
+        rows = rows.tolist()
+    if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Iterable):
+        raise ValueError(f"target_pos layer {layer}: expected a list of row indices, got {type(rows).__name__}")
+    seen: set[int] = set()
+    for value in rows:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"target_pos layer {layer}: row {value!r} is not an integer")
+        row = int(value)
+        if not 0 <= row < size:
+            raise ValueError(f"target_pos layer {layer}: row {row} is out of range [0, {size})")
+        if row in seen:
+            raise ValueError(f"target_pos layer {layer}: row {row} is listed twice")
+        seen.add(row)
+    return sorted(seen)
