@@ -1,0 +1,210 @@
+"""split_linear against a float64 dense computation and the original LoKILinear, on both backends.
+
+Without a GPU the Triton backend runs under Triton's interpreter (see tests/conftest.py), so shapes are
+small and odd (not multiples of any block size).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from loki_kernels import SplitLinear, split_linear
+from loki_kernels.backend import ENV_VAR, resolve_backend
+from loki_kernels.ops.split_linear import make_slot
+from loki_kernels.reference import LoKILinear
+from tests.conftest import DEVICE, TOL, rel_err
+
+BACKENDS = ["torch", "triton"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+N, K = 29, 53  # out (hidden) and in (d_ff) features
+
+
+def _rows(kind: str, n: int = N) -> torch.Tensor:
+    if kind == "none":
+        return torch.empty(0, dtype=torch.long)
+    if kind == "all":
+        return torch.arange(n)
+    return torch.randperm(n)[: n // 3].sort().values
+
+
+def _case(dtype, rows, bias, lead=(37,), noncontig=False):
+    """Random float64 problem and its low-precision copies on DEVICE."""
+    w = torch.randn(N, K, dtype=torch.float64) / K**0.5
+    wa = torch.randn(len(rows), K, dtype=torch.float64) / K**0.5  # trained rows differ from w's
+    b = torch.randn(N, dtype=torch.float64) if bias else None
+    ba = torch.randn(len(rows), dtype=torch.float64) if bias else None
+    if noncontig:  # a strided view: every other column of a wider tensor
+        x = torch.randn(*lead, 2 * K, dtype=torch.float64)[..., ::2]
+    else:
+        x = torch.randn(*lead, K, dtype=torch.float64)
+    dy = torch.randn(*lead, N, dtype=torch.float64)
+    merged_w, merged_b = w.clone(), (b.clone() if bias else None)
+    merged_w[rows] = wa
+    if bias:
+        merged_b[rows] = ba
+
+    def low(t, grad=False):
+        if t is None:
+            return None
+        t = t.to(DEVICE, dtype)
+        return t.requires_grad_() if grad else t
+
+    inputs = dict(
+        x=low(x, grad=True), weight=low(w), weight_active=low(wa, grad=True), active_pos=rows.to(DEVICE),
+        bias=low(b), bias_active=low(ba, grad=True),
+    )
+    # The reference starts from the same rounded values the kernels see.
+    x64, w64 = inputs["x"].detach().double().cpu(), merged_w.to(dtype).double()
+    b64 = merged_b.to(dtype).double() if bias else None
+    dy = dy.to(dtype).double()
+    ref = dict(
+        y=x64 @ w64.t() + (b64 if bias else 0),
+        dx=dy @ w64,
+        dwa=(dy.reshape(-1, N).t() @ x64.reshape(-1, K))[rows],
+        dba=dy.reshape(-1, N).sum(0)[rows] if bias else None,
+    )
+    return inputs, low(dy), ref
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", ["none", "some", "all"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("layout", ["2d", "3d", "noncontig"])
+def test_matches_float64(backend, dtype, rows, bias, layout):
+    lead = {"2d": (37,), "3d": (3, 13), "noncontig": (2, 19)}[layout]
+    inputs, dy, ref = _case(dtype, _rows(rows), bias, lead=lead, noncontig=layout == "noncontig")
+    frozen_before = inputs["weight"].clone()
+
+    y = split_linear(**inputs, backend=backend)
+    y.backward(dy)
+
+    tol = TOL[dtype]
+    assert y.dtype == dtype and y.shape == (*lead, N)
+    assert rel_err(y, ref["y"]) < tol
+    assert rel_err(inputs["x"].grad, ref["dx"]) < tol
+    if rows != "none":
+        assert rel_err(inputs["weight_active"].grad, ref["dwa"]) < tol
+        if bias:
+            assert rel_err(inputs["bias_active"].grad, ref["dba"]) < tol
+    else:
+        assert inputs["weight_active"].grad.shape == (0, K)
+    # Frozen rows never change; the torch path may only rewrite the active rows (with their own values).
+    frozen = make_slot(inputs["active_pos"], N) < 0
+    assert torch.equal(inputs["weight"][frozen], frozen_before[frozen])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_weight_gets_no_gradient(backend):
+    inputs, dy, _ = _case(torch.float32, _rows("some"), bias=True)
+    inputs["weight"].requires_grad_()
+    inputs["bias"].requires_grad_()
+    split_linear(**inputs, backend=backend).backward(dy)
+    assert inputs["weight"].grad is None and inputs["bias"].grad is None
+    assert inputs["weight_active"].grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_matches_original_loki_linear(backend, bias):
+    """Same outputs and gradients as the original two-matmul + cat + gather implementation."""
+    linear = nn.Linear(K, N, bias=bias).to(DEVICE)
+    rows = _rows("some").tolist()
+    original = LoKILinear(linear, rows)
+    ours = SplitLinear.from_module(nn.Linear(K, N, bias=bias).to(DEVICE), rows, backend=backend)
+    ours.load_state_dict(linear.state_dict())  # a standard state dict fills the split rows too
+    x = torch.randn(2, 11, K, device=DEVICE)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dy = torch.randn(2, 11, N, device=DEVICE)
+
+    y_ref = original(x1)
+    y = ours(x2)
+    y_ref.backward(dy)
+    y.backward(dy)
+    assert rel_err(y, y_ref) < TOL[torch.float32]
+    assert rel_err(x2.grad, x1.grad) < TOL[torch.float32]
+    assert rel_err(ours.weight_active.grad, original.active.weight.grad) < TOL[torch.float32]
+    if bias:
+        assert rel_err(ours.bias_active.grad, original.active_bias.grad) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transposed_weight_view(backend):
+    """A [in, out] weight (GPT-2 Conv1D layout) passed as a transposed view works like a [out, in] one."""
+    inputs, dy, ref = _case(torch.float32, _rows("some"), bias=True)
+    inputs["weight"] = inputs["weight"].t().contiguous().t()
+    assert not inputs["weight"].is_contiguous()
+    y = split_linear(**inputs, backend=backend)
+    y.backward(dy)
+    assert rel_err(y, ref["y"]) < TOL[torch.float32]
+    assert rel_err(inputs["x"].grad, ref["dx"]) < TOL[torch.float32]
+    assert rel_err(inputs["weight_active"].grad, ref["dwa"]) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    rows = torch.tensor([0, 4, 5, 11], device=DEVICE)
+    w = torch.randn(13, 7, dtype=torch.float64, device=DEVICE)
+    b = torch.randn(13, dtype=torch.float64, device=DEVICE)
+    x = torch.randn(5, 7, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    wa = torch.randn(4, 7, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    ba = torch.randn(4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+
+    def fn(x, wa, ba):
+        return split_linear(x, w, wa, rows, b, ba, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (x, wa, ba))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    inputs, _, _ = _case(torch.float32, _rows("some"), bias=False, lead=(0,))
+    y = split_linear(**inputs, backend=backend)
+    assert y.shape == (0, N)
+    y.sum().backward()
+    assert inputs["x"].grad.shape == (0, K)
+    assert torch.count_nonzero(inputs["weight_active"].grad) == 0
+
+
+def test_autocast_casts_like_linear():
+    device_type = torch.device(DEVICE).type
+    inputs, dy, ref = _case(torch.float32, _rows("some"), bias=True)
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        y = split_linear(**inputs, backend="torch")
+    assert y.dtype == torch.bfloat16
+    y.backward(dy.to(torch.bfloat16))
+    assert inputs["weight_active"].grad.dtype == torch.float32
+    assert rel_err(y, ref["y"]) < TOL[torch.bfloat16]
+    assert rel_err(inputs["weight_active"].grad, ref["dwa"]) < TOL[torch.bfloat16]
+
+
+def test_bad_inputs_are_named():
+    inputs, _, _ = _case(torch.float32, _rows("some"), bias=True)
+    with pytest.raises(ValueError, match="x has 52 features"):
+        split_linear(**{**inputs, "x": inputs["x"][..., :-1]})
+    with pytest.raises(ValueError, match="weight_active has shape"):
+        split_linear(**{**inputs, "weight_active": inputs["weight_active"][:-1]})
+    with pytest.raises(TypeError, match="one dtype"):
+        split_linear(**{**inputs, "x": inputs["x"].half()})
+    with pytest.raises(ValueError, match="both bias and bias_active"):
+        split_linear(**{**inputs, "bias_active": None})
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        split_linear(**inputs, backend="cuda")
+
+
+def test_backend_resolution(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert resolve_backend("auto", cpu) == "torch"
+    assert resolve_backend("torch", cuda) == "torch"
+    monkeypatch.setenv(ENV_VAR, "torch")
+    assert resolve_backend("auto", cuda) == "torch"  # the environment replaces "auto"
+    monkeypatch.setenv(ENV_VAR, "TRITON")
+    assert resolve_backend("torch", cpu) == "torch"  # an explicit argument wins
+    monkeypatch.setenv(ENV_VAR, "fast")
+    with pytest.raises(ValueError, match=f"unknown backend 'fast' \\(\\${ENV_VAR}\\)"):
+        resolve_backend("auto", cpu)
+    monkeypatch.delenv(ENV_VAR)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        resolve_backend("triton", cpu)
