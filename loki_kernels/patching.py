@@ -34,12 +34,11 @@ class DownProj:
 
 
 def _shape(module: nn.Module):
-    """(in_features, out_features) of a Linear/Conv1D/SplitLinear, else None."""
-    if isinstance(module, (nn.Linear, SplitLinear)):
-        return module.in_features, module.out_features
+    """(in_features, out_features) of a linear-like layer (Linear, Conv1D, SplitLinear, ...), else None."""
     if Conv1D is not None and isinstance(module, Conv1D):
         return module.weight.shape[0], module.weight.shape[1]
-    return None
+    shape = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    return shape if all(isinstance(s, int) for s in shape) else None
 
 
 def _text_config(model: nn.Module):

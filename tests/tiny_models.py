@@ -1,0 +1,45 @@
+"""Tiny random causal LMs built from configs (nothing is downloaded)."""
+
+import torch
+import transformers
+
+HIDDEN, FFN, LAYERS, VOCAB = 40, 104, 3, 97
+
+# model family -> (config class, model class, extra config fields)
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 10}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 10}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 10}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 10}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {}),
+}
+
+
+def tiny_model(arch: str = "llama", **overrides) -> torch.nn.Module:
+    config_cls, model_cls, extra = ARCHS[arch]
+    config_cls = getattr(transformers, config_cls)
+    if arch == "gpt2":
+        fields = dict(vocab_size=VOCAB, n_embd=HIDDEN, n_inner=FFN, n_layer=LAYERS, n_head=4, n_positions=64)
+    else:
+        fields = dict(
+            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        )
+    fields.update(extra)
+    fields.update(overrides)
+    model = getattr(transformers, model_cls)(config_cls(**fields))
+    return model.float().eval()
+
+
+def random_rows(quota: float = 0.2, layers: int = LAYERS, hidden: int = HIDDEN) -> list[list[int]]:
+    k = max(1, int(hidden * quota))
+    return [torch.randperm(hidden)[:k].tolist() for _ in range(layers)]
+
+
+def batch(n: int = 4, length: int = 12) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, length))
