@@ -9,13 +9,24 @@ from torch import Tensor, nn
 
 from .backend import BACKENDS
 from .ops.split_linear import make_slot, merge_rows_, split_linear
+from .positions import check_rows
 
 try:  # GPT-2 style layers keep their weight as [in, out]
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency, but the op works without it
     Conv1D = None
 
-__all__ = ["SplitLinear"]
+__all__ = ["SplitLinear", "is_transposed", "row_view"]
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """True for layers that store their weight as ``[in, out]`` (transformers' ``Conv1D``, GPT-2 style)."""
+    return Conv1D is not None and isinstance(module, Conv1D)
+
+
+def row_view(module: nn.Module) -> Tensor:
+    """The weight of a ``Linear`` or ``Conv1D`` as ``[out, in]``: row ``j`` writes output channel ``j``."""
+    return module.weight.t() if is_transposed(module) else module.weight
 
 
 class SplitLinear(nn.Module):
@@ -43,12 +54,13 @@ class SplitLinear(nn.Module):
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         self.transposed = transposed  # True for Conv1D: weight is stored as [in, out]
         self.backend = backend
+        rows = check_rows(active_pos, weight.shape[1 if transposed else 0], "active_pos")
         self.weight = weight
         self.weight.requires_grad_(False)
         self.bias = bias
         if bias is not None:
             bias.requires_grad_(False)
-        pos = torch.as_tensor(sorted(int(p) for p in active_pos), dtype=torch.long, device=weight.device)
+        pos = torch.tensor(rows, dtype=torch.long, device=weight.device)
         self.register_buffer("active_pos", pos, persistent=False)
         self.register_buffer("slot", make_slot(pos, self.out_features), persistent=False)
         with torch.no_grad():
@@ -61,10 +73,8 @@ class SplitLinear(nn.Module):
     @classmethod
     def from_module(cls, module: nn.Module, active_pos: Sequence[int], *, backend: str = "auto") -> "SplitLinear":
         """Wrap an ``nn.Linear`` or a transformers ``Conv1D``; shares (does not copy) its parameters."""
-        if isinstance(module, nn.Linear):
-            return cls(module.weight, module.bias, active_pos, backend=backend)
-        if Conv1D is not None and isinstance(module, Conv1D):
-            return cls(module.weight, module.bias, active_pos, transposed=True, backend=backend)
+        if isinstance(module, nn.Linear) or is_transposed(module):
+            return cls(module.weight, module.bias, active_pos, transposed=is_transposed(module), backend=backend)
         raise TypeError(f"SplitLinear wraps nn.Linear or Conv1D, not {type(module).__name__}")
 
     def to_module(self) -> nn.Module:

@@ -8,7 +8,7 @@ from typing import NamedTuple
 from torch import nn
 
 from .backend import BACKENDS
-from .modules import Conv1D, SplitLinear
+from .modules import SplitLinear, is_transposed
 from .positions import PositionsLike, normalize_positions
 
 __all__ = ["patch_model", "unpatch_model", "find_down_projs", "count_parameters", "DOWN_PROJ_NAMES"]
@@ -35,7 +35,7 @@ class DownProj:
 
 def _shape(module: nn.Module):
     """(in_features, out_features) of a linear-like layer (Linear, Conv1D, SplitLinear, ...), else None."""
-    if Conv1D is not None and isinstance(module, Conv1D):
+    if is_transposed(module):
         return module.weight.shape[0], module.weight.shape[1]
     shape = getattr(module, "in_features", None), getattr(module, "out_features", None)
     return shape if all(isinstance(s, int) for s in shape) else None

@@ -10,7 +10,7 @@ from typing import Union
 
 PositionsLike = Union[str, os.PathLike, Mapping, Iterable]
 
-__all__ = ["PositionsLike", "normalize_positions", "load_positions"]
+__all__ = ["PositionsLike", "normalize_positions", "load_positions", "check_rows"]
 
 
 def load_positions(path: Union[str, os.PathLike]) -> Union[list, dict]:
@@ -49,7 +49,7 @@ def normalize_positions(target_pos: PositionsLike, num_layers: int, out_features
             f"target_pos must be a list of row lists, a {{layer: rows}} dict or a JSON path, "
             f"not {type(target_pos).__name__}"
         )
-    return [_layer_rows(layer, rows, sizes[layer]) for layer, rows in enumerate(per_layer)]
+    return [check_rows(rows, sizes[layer], f"target_pos layer {layer}") for layer, rows in enumerate(per_layer)]
 
 
 def _layer_key(key, num_layers: int) -> int:
@@ -64,19 +64,20 @@ def _layer_key(key, num_layers: int) -> int:
     return layer
 
 
-def _layer_rows(layer: int, rows, size: int) -> list[int]:
+def check_rows(rows, size: int, where: str = "rows") -> list[int]:
+    """Validate one layer's row indices (integers in [0, size), no duplicates) and return them sorted."""
     if hasattr(rows, "tolist"):  # numpy arrays and torch tensors
         rows = rows.tolist()
     if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Iterable):
-        raise ValueError(f"target_pos layer {layer}: expected a list of row indices, got {type(rows).__name__}")
+        raise ValueError(f"{where}: expected a list of row indices, got {type(rows).__name__}")
     seen: set[int] = set()
     for value in rows:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ValueError(f"target_pos layer {layer}: row {value!r} is not an integer")
+            raise ValueError(f"{where}: row {value!r} is not an integer")
         row = int(value)
         if not 0 <= row < size:
-            raise ValueError(f"target_pos layer {layer}: row {row} is out of range [0, {size})")
+            raise ValueError(f"{where}: row {row} is out of range [0, {size})")
         if row in seen:
-            raise ValueError(f"target_pos layer {layer}: row {row} is listed twice")
+            raise ValueError(f"{where}: row {row} is listed twice")
         seen.add(row)
     return sorted(seen)

@@ -1,0 +1,145 @@
+"""The ``loki`` command: one subcommand per phase of the LoKI workflow.
+
+The original project's subcommands and flags are kept (``select-nodes``, ``create-model``,
+``restore-model``); ``analyse`` runs the KVA engine. A user mistake prints one line
+(``loki: error: ...``) and exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .constants import DEFAULT_STRATEGY
+
+logger = logging.getLogger("loki.cli")
+
+STRATEGIES = ("layer_balanced", "global_lowest", "global_highest")
+DTYPES = ("float32", "float16", "bfloat16", "auto")
+
+
+class UserError(Exception):
+    """A mistake in the command line or its input files: reported in one line, exit status 2."""
+
+
+def _dtype(name: str):
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def _existing(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise UserError(f"{what} not found: {path}")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ commands
+def run_select_nodes(args: argparse.Namespace) -> int:
+    from loki_kernels.positions import save_positions
+    from loki_kernels.selection import select_positions
+
+    if not 0 < args.quota <= 100:
+        raise UserError(f"--quota must be in (0, 100], got {args.quota}")
+    hdf5_path = _existing(args.hdf5_path, "HDF5 file")
+    output_dir = args.output_dir or Path("kva_result/pos_json") / hdf5_path.parent.name
+    name = args.output_name or (
+        f"{int(args.quota)}.json" if args.strategy == "layer_balanced" else f"{args.strategy}_{int(args.quota)}.json"
+    )
+    positions = select_positions(hdf5_path, args.quota, args.strategy, progress=True)
+    output = output_dir / name
+    save_positions(positions, output)
+    total = sum(map(len, positions))
+    print(f"selected {total} rows across {len(positions)} layers ({args.strategy}, q={args.quota:g}%) -> {output}")
+    return 0
+
+
+def run_create_model(args: argparse.Namespace) -> int:
+    from .model_utils import create_loki_model, get_loki_classes
+
+    _existing(args.target_pos_path, "target position file")
+    config_cls, model_cls = get_loki_classes(args.model_type or args.model_name, args.trust_remote_code)
+    create_loki_model(
+        loki_model_class=model_cls,
+        loki_config_cls=config_cls,
+        model_name=args.model_name,
+        target_pos_path=args.target_pos_path,
+        save_dir=args.save_dir,
+        torch_dtype=_dtype(args.torch_dtype),
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(f"LoKI model saved to {args.save_dir}")
+    return 0
+
+
+def run_restore_model(args: argparse.Namespace) -> int:
+    from .model_utils import restore_loki_model
+
+    _existing(args.model_path, "LoKI model")
+    _existing(args.target_pos_path, "target position file")
+    restore_loki_model(
+        target_pos_path=args.target_pos_path,
+        model_path=args.model_path,
+        model_name=args.model_name,
+        output_path=args.output_path,
+        torch_dtype=_dtype(args.torch_dtype),
+    )
+    print(f"restored model saved to {args.output_path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="loki", description="LoKI: low-damage knowledge implanting, on loki_kernels")
+    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("select-nodes", help="pick trainable down_proj rows from a KVA attribution HDF5 file")
+    p.add_argument("--hdf5-path", type=Path, required=True, help="attribution file (dataset 'dataset', [N, L, H])")
+    p.add_argument("--quota", type=float, required=True, help="percentage of rows to train, in (0, 100]")
+    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES)
+    p.add_argument("--output-dir", type=Path, default=None,
+                   help="default: kva_result/pos_json/<name of the HDF5 file's directory>")
+    p.add_argument("--output-name", default=None, help="default: {quota}.json, or {strategy}_{quota}.json")
+    p.set_defaults(func=run_select_nodes)
+
+    p = sub.add_parser("create-model", help="write a LoKI model directory (loads with trust_remote_code=True)")
+    p.add_argument("--model-name", required=True, help="pretrained model name or local path")
+    p.add_argument("--target-pos-path", type=Path, required=True, help="position JSON: [[row, ...] per layer]")
+    p.add_argument("--save-dir", type=Path, required=True)
+    p.add_argument("--model-type", default=None, help="architecture (llama, qwen2, ...); inferred when omitted")
+    p.add_argument("--torch-dtype", default="auto", choices=DTYPES)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=run_create_model)
+
+    p = sub.add_parser("restore-model", help="merge a trained LoKI model back into a plain checkpoint")
+    p.add_argument("--model-path", type=Path, required=True, help="trained LoKI model directory")
+    p.add_argument("--target-pos-path", type=Path, required=True)
+    p.add_argument("--output-path", type=Path, required=True)
+    p.add_argument("--model-name", required=True, help="the base model the LoKI model was created from")
+    p.add_argument("--torch-dtype", default="auto", choices=DTYPES)
+    p.set_defaults(func=run_restore_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (UserError, ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, PermissionError) as e:
+        print(f"loki {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"loki {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
