@@ -9,7 +9,6 @@ do this to check the kernels without a GPU).
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -19,9 +18,11 @@ BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "LOKI_KERNELS_BACKEND"
 
 
-@functools.cache
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
 
 
 def interpreting() -> bool:

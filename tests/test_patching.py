@@ -256,3 +256,22 @@ def test_gradient_checkpointing():
     model.train()
     losses = train(model, batch(), steps=3)
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile(backend):
+    """torch.compile traces a patched model (Triton launchers are torch.library ops): same loss and grads."""
+    model = tiny_model()
+    twin = copy.deepcopy(model)
+    rows = random_rows()
+    patch_model(model, rows, backend=backend)
+    patch_model(twin, rows, backend=backend)
+    ids = batch(2, 8)
+    loss = torch.compile(model)(input_ids=ids, labels=ids).loss
+    ref = twin(input_ids=ids, labels=ids).loss
+    loss.backward()
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for proj, twin_proj in zip(find_down_projs(model), find_down_projs(twin)):
+        assert rel_err(proj.module.weight_active.grad, twin_proj.module.weight_active.grad) < TOL[torch.float32]
+    torch._dynamo.reset()
