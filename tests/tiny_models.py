@@ -43,3 +43,26 @@ def random_rows(quota: float = 0.2, layers: int = LAYERS, hidden: int = HIDDEN) 
 
 def batch(n: int = 4, length: int = 12) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, length))
+
+
+def char_tokenizer():
+    """A character-level tokenizer built in memory (printable ASCII + 4 specials), for trainer tests."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for code in range(32, 127):
+        vocab[chr(code)] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def pattern_batch(n: int = 8, length: int = 16) -> torch.Tensor:
+    """Learnable sequences (arithmetic progressions mod VOCAB), so a few steps visibly lower the loss."""
+    start = torch.randint(0, VOCAB, (n, 1))
+    step = torch.randint(1, 4, (n, 1))
+    return (start + step * torch.arange(length)) % VOCAB

@@ -1,0 +1,133 @@
+"""A patched model inside real trainers: HF Trainer (with checkpoint resume), TRL's SFTTrainer, and DDP."""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+from loki_kernels import find_down_projs, patch_model
+from tests.test_patching import logits, snapshot
+from tests.tiny_models import HIDDEN, char_tokenizer, pattern_batch, random_rows, tiny_model
+
+
+class _Sequences(torch.utils.data.Dataset):
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _args(out, **kw):
+    base = dict(output_dir=str(out), per_device_train_batch_size=8, learning_rate=3e-2, lr_scheduler_type="constant",
+                logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
+                disable_tqdm=True)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def assert_only_rows_changed(before, after, model, rows):
+    down = {f"{p.name}.weight": p.layer for p in find_down_projs(model)}
+    for key, value in before.items():
+        if key in down:
+            changed = (value != after[key]).reshape(HIDDEN, -1).any(dim=1).nonzero().flatten().tolist()
+            assert changed and set(changed) <= set(rows[down[key]]), key
+        else:
+            assert torch.equal(value, after[key]), key
+
+
+def test_hf_trainer_trains_saves_and_resumes(tmp_path):
+    model = tiny_model()
+    rows = random_rows()
+    before = snapshot(model)
+    fresh = copy.deepcopy(model)
+    patch_model(model, rows)
+    data = _Sequences(pattern_batch(64))
+
+    trainer = Trainer(model=model, args=_args(tmp_path / "run", max_steps=12, save_strategy="steps", save_steps=6),
+                      train_dataset=data)
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert losses[-1] < losses[0]
+    final = snapshot(model)
+    assert_only_rows_changed(before, final, model, rows)
+
+    trainer.save_model(tmp_path / "saved")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    ids = pattern_batch(2)
+    assert torch.equal(logits(plain, ids), logits(model, ids))
+
+    # Resume a fresh patched model from the step-6 checkpoint: it must end exactly where the first run did.
+    patch_model(fresh, rows)
+    resumed = Trainer(model=fresh, args=_args(tmp_path / "run", max_steps=12), train_dataset=data)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
+    for key, value in snapshot(fresh).items():
+        torch.testing.assert_close(value, final[key], rtol=1e-6, atol=1e-7)
+
+
+def test_trl_sft_trainer(tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    tokenizer = char_tokenizer()
+    model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    rows = random_rows()
+    before = snapshot(model)
+    patch_model(model, rows)
+    facts = [f"The capital of country {i} is city {i * 7 % 13}." for i in range(32)]
+    config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8, learning_rate=3e-2,
+                           lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
+                           use_cpu=True, max_length=64, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=Dataset.from_dict({"text": facts}),
+                             processing_class=tokenizer)
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert losses[-1] < losses[0]
+    assert_only_rows_changed(before, snapshot(model), model, rows)
+
+
+# --------------------------------------------------------------------------------------------- DDP
+def _train_steps(model, batches, lr=1e-2):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for ids in batches:
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _ddp_worker(rank, world, port, state, rows, batches, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = tiny_model()
+    model.load_state_dict(state)
+    patch_model(model, rows)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    per_rank = [b.chunk(world)[rank] for b in batches]
+    _train_steps(ddp, per_rank)
+    if rank == 0:
+        torch.save(snapshot(model), out)
+    dist.destroy_process_group()
+
+
+def test_ddp_matches_single_process(tmp_path):
+    """2 processes (gloo) on halves of each global batch end with the same weights as 1 process on it all."""
+    model = tiny_model()
+    state = snapshot(model)
+    rows = random_rows()
+    batches = [pattern_batch(8) for _ in range(3)]
+    port = 29500 + os.getpid() % 1000
+    mp.spawn(_ddp_worker, args=(2, port, state, rows, batches, tmp_path / "ddp.pt"), nprocs=2, join=True)
+
+    patch_model(model, rows)
+    _train_steps(model, batches)
+    ddp_state = torch.load(tmp_path / "ddp.pt")
+    for key, value in snapshot(model).items():
+        torch.testing.assert_close(ddp_state[key], value, rtol=1e-5, atol=1e-6)
