@@ -25,7 +25,8 @@ class LoKILinear(nn.Module):
         self.in_features = original_linear.in_features
         self.out_features = original_linear.out_features
         self.active_pos = sorted(target_pos)
-        self.frozen_pos = [i for i in range(self.out_features) if i not in set(self.active_pos)]
+        active = set(self.active_pos)
+        self.frozen_pos = [i for i in range(self.out_features) if i not in active]
         if not all(0 <= idx < self.out_features for idx in self.active_pos):
             raise ValueError("Activated position index out of range")
         if len(self.active_pos) != len(set(self.active_pos)):

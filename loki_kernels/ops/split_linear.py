@@ -65,7 +65,9 @@ if triton_available():
         _cfg(128, 64, 64, 4, 4),
         _cfg(64, 64, 64, 4, 4),
     ]
-    _KEY = ["A_BUCKET", "B", "R"]
+    # Autotune keys: the token count enters only through its bucket, so new sequence lengths do not retune.
+    _MATMUL_KEY = ["M_BUCKET", "B", "R"]  # forward and grad_input: A = tokens
+    _GRAD_WEIGHT_KEY = ["M_BUCKET", "A", "B"]  # grad_weight: R = tokens
 
     @triton.jit
     def _tile(pid, A, B, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, GROUP: tl.constexpr):
@@ -94,11 +96,11 @@ if triton_available():
             b = b.to(tl.float32)
         return tl.dot(a, b, acc, input_precision=PRECISION)
 
-    @_autotune(_CONFIGS, _KEY)
+    @_autotune(_CONFIGS, _MATMUL_KEY)
     @triton.jit
     def _forward_kernel(
         x_ptr, w_ptr, wa_ptr, slot_ptr, b_ptr, ba_ptr, y_ptr,
-        A, B, R, A_BUCKET,  # A = tokens, B = out features, R = in features
+        A, B, R, M_BUCKET,  # A = tokens, B = out features, R = in features
         stride_xm, stride_xk, stride_wn, stride_wk, stride_an, stride_ak, stride_ym, stride_yn,
         HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
         BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
@@ -135,11 +137,11 @@ if triton_available():
         y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
-    @_autotune(_CONFIGS, _KEY)
+    @_autotune(_CONFIGS, _MATMUL_KEY)
     @triton.jit
     def _grad_input_kernel(
         dy_ptr, w_ptr, wa_ptr, slot_ptr, dx_ptr,
-        A, B, R, A_BUCKET,  # A = tokens, B = in features, R = out features
+        A, B, R, M_BUCKET,  # A = tokens, B = in features, R = out features
         stride_dym, stride_dyn, stride_wn, stride_wk, stride_an, stride_ak, stride_dxm, stride_dxk,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
         BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
@@ -168,11 +170,11 @@ if triton_available():
         dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
-    @_autotune(_CONFIGS, _KEY)
+    @_autotune(_CONFIGS, _GRAD_WEIGHT_KEY)
     @triton.jit
     def _grad_weight_kernel(
         dy_ptr, x_ptr, pos_ptr, dw_ptr,
-        A, B, R, A_BUCKET,  # A = active rows, B = in features, R = tokens
+        A, B, R, M_BUCKET,  # A = active rows, B = in features, R = tokens
         stride_dym, stride_dyn, stride_xm, stride_xk, stride_dwp, stride_dwk,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
         BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
@@ -297,7 +299,7 @@ def triton_grad_weight(grad_out: Tensor, x: Tensor, active_pos: Tensor) -> Tenso
     with _device_guard(x):
         _grad_weight_kernel[_grid(p, k)](
             grad_out, x, active_pos, dw,
-            p, k, m, _bucket(p),
+            p, k, m, _bucket(m),
             grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1), dw.stride(0), dw.stride(1),
             **_kernel_flags(x.dtype),
         )
