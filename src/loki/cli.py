@@ -90,6 +90,21 @@ def run_restore_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoArgs, run_demo
+
+    if (args.model is None) != (args.data is None):
+        raise UserError("--model and --data go together (a local model directory and a JSONL file)")
+    if args.model is not None:
+        _existing(args.model, "model directory")
+        _existing(args.data, "data file")
+    if not 0 < args.quota <= 100:
+        raise UserError(f"--quota must be in (0, 100], got {args.quota}")
+    run_demo(DemoArgs(seed=args.seed, quota=args.quota, out_dir=args.out_dir, implant_steps=args.steps,
+                      model=args.model, data=args.data))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -124,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", required=True, help="the base model the LoKI model was created from")
     p.add_argument("--torch-dtype", default="auto", choices=DTYPES)
     p.set_defaults(func=run_restore_model)
+
+    p = sub.add_parser("demo", help="the whole pipeline on a built-in tiny model (CPU, a few minutes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quota", type=float, default=10.0, help="percentage of down_proj rows to train")
+    p.add_argument("--steps", type=int, default=150, help="implant steps for every method")
+    p.add_argument("--out-dir", type=Path, default=Path("loki_demo"), help="where the table, JSON and PNG go")
+    p.add_argument("--model", type=Path, default=None, help="a local causal LM directory instead of the tiny model")
+    p.add_argument("--data", type=Path, default=None,
+                   help='JSONL of {"prompt", "answer", "split": "old"|"new"} records (with --model)')
+    p.set_defaults(func=run_demo)
     return parser
 
 
