@@ -1,7 +1,7 @@
 """The ``loki`` command: one subcommand per phase of the LoKI workflow.
 
 The original project's subcommands and flags are kept (``select-nodes``, ``create-model``,
-``restore-model``); ``analyse`` runs the KVA engine. A user mistake prints one line
+``restore-model``); ``analyse`` runs the KVA engine and ``demo`` the whole pipeline on a tiny model. A user mistake prints one line
 (``loki: error: ...``) and exits with status 2, never a traceback.
 """
 
@@ -12,12 +12,13 @@ import logging
 import sys
 from pathlib import Path
 
-from .constants import DEFAULT_STRATEGY
+from .constants import DEFAULT_IG_STEPS, DEFAULT_STRATEGY
 
 logger = logging.getLogger("loki.cli")
 
 STRATEGIES = ("layer_balanced", "global_lowest", "global_highest")
 DTYPES = ("float32", "float16", "bfloat16", "auto")
+METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 
 
 class UserError(Exception):
@@ -90,6 +91,21 @@ def run_restore_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_analyse(args: argparse.Namespace) -> int:
+    from .analyse import AnalyseArgs, run_analysis
+
+    _existing(args.model_path, "model directory")
+    _existing(args.data, "data file")
+    output = run_analysis(AnalyseArgs(
+        model_path=args.model_path, data=args.data, output=args.output_dir / args.result_file, dev_data=args.dev_data,
+        shots=args.shots, max_samples_per_subset=args.max_samples_per_subset, steps=args.steps, method=args.method,
+        semantics=args.semantics, batch_size=args.batch_size, dtype=args.dtype, torch_dtype=args.torch_dtype,
+        max_batch_rows=args.max_batch_rows,
+    ))
+    print(f"attributions written to {output}")
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from .demo import DemoArgs, run_demo
 
@@ -113,6 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("analyse", help="KVA attributions over MMLU-format questions, streamed to HDF5 (resumable)")
+    p.add_argument("--model-path", type=Path, required=True, help="local model directory")
+    p.add_argument("--data", type=Path, required=True,
+                   help="MMLU-format questions: .parquet/.json/.jsonl/.csv with question, choices, answer, subject")
+    p.add_argument("--output-dir", type=Path, required=True)
+    p.add_argument("--result-file", default="kva_mmlu.h5")
+    p.add_argument("--dev-data", type=Path, default=None, help="few-shot examples (MMLU dev split), for --shots")
+    p.add_argument("--shots", type=int, default=0, help="0 (zero-shot) or e.g. 5")
+    p.add_argument("--max-samples-per-subset", type=int, default=None)
+    p.add_argument("--steps", type=int, default=DEFAULT_IG_STEPS, help="integration steps")
+    p.add_argument("--method", default="riemann_left", choices=METHODS)
+    p.add_argument("--semantics", default="last_token", choices=("last_token", "captum"),
+                   help="last_token: the paper's estimator; captum: the later Captum-based script's")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="of the stored attributions")
+    p.add_argument("--torch-dtype", default="auto", choices=DTYPES, help="of the model")
+    p.add_argument("--max-batch-rows", type=int, default=None, help="bound on (layer, step) rows per pass (memory)")
+    p.set_defaults(func=run_analyse)
 
     p = sub.add_parser("select-nodes", help="pick trainable down_proj rows from a KVA attribution HDF5 file")
     p.add_argument("--hdf5-path", type=Path, required=True, help="attribution file (dataset 'dataset', [N, L, H])")
