@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import secrets
 from collections.abc import Iterable, Mapping
 from typing import Union
 
 PositionsLike = Union[str, os.PathLike, Mapping, Iterable]
 
-__all__ = ["PositionsLike", "normalize_positions", "load_positions", "check_rows"]
+__all__ = ["PositionsLike", "normalize_positions", "load_positions", "save_positions", "check_rows"]
 
 
 def load_positions(path: Union[str, os.PathLike]) -> Union[list, dict]:
@@ -81,3 +82,52 @@ def check_rows(rows, size: int, where: str = "rows") -> list[int]:
             raise ValueError(f"{where}: row {row} is listed twice")
         seen.add(row)
     return sorted(seen)
+
+
+def save_positions(positions, path: Union[str, os.PathLike]) -> None:
+    """Write ``positions`` (one list of row indices per layer) as a position JSON file.
+
+    The format is the original's (``json.dump(positions, indent=4)``), plus a trailing newline. Rows keep
+    their order (selection lists them most voted first). Every layer's rows must be non-negative integers
+    without duplicates (``ValueError`` naming the layer and value otherwise); layers may be empty. Parent
+    folders are created. The file is written to a temporary file next to ``path`` and renamed over it, so
+    a failure never leaves a truncated or half-written file (an existing one stays as it was).
+    """
+    if hasattr(positions, "tolist"):  # a 2-D numpy array or torch tensor
+        positions = positions.tolist()
+    if isinstance(positions, (str, bytes, Mapping)) or not isinstance(positions, Iterable):
+        raise ValueError(f"positions must be a list of row lists (one per layer), not {type(positions).__name__}")
+    layers = [_row_list(rows, f"positions layer {layer}") for layer, rows in enumerate(positions)]
+    if not layers:
+        raise ValueError("positions must list at least one layer")
+    text = json.dumps(layers, indent=4) + "\n"
+
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _row_list(rows, where: str) -> list[int]:
+    """``rows`` as Python ints in their given order, checked like :func:`check_rows` but with no upper bound."""
+    if hasattr(rows, "tolist"):
+        rows = rows.tolist()
+    if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Iterable):
+        raise ValueError(f"{where}: expected a list of row indices, got {type(rows).__name__}")
+    rows = list(rows)
+    for value in rows:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value < 0:
+            raise ValueError(f"{where}: row {value!r} is negative")
+    bound = max((int(v) for v in rows if isinstance(v, numbers.Integral) and not isinstance(v, bool)), default=-1)
+    check_rows(rows, bound + 1, where)  # integers only, no duplicates
+    return [int(v) for v in rows]
