@@ -4,7 +4,8 @@ from .backend import resolve_backend
 from .modules import SplitLinear
 from .ops import split_linear
 from .patching import count_parameters, find_down_projs, patch_model, unpatch_model
-from .positions import load_positions, normalize_positions
+from .positions import load_positions, normalize_positions, save_positions
+from .selection import select_positions
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,6 @@ __all__ = [
     "resolve_backend",
     "load_positions",
     "normalize_positions",
+    "save_positions",
+    "select_positions",
 ]

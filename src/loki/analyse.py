@@ -223,7 +223,7 @@ def run_analysis(args: AnalyseArgs, model=None, tokenizer=None) -> Path:
         dist.barrier()
         if rank == 0:
             parts = [output.with_name(f"{output.stem}.part{r}-of-{world}{output.suffix}") for r in range(world)]
-            merge_attribution_files(parts, output)
+            merge_attribution_files(parts, output, overwrite=True)
             for part in parts:
                 part.unlink()
         dist.barrier()

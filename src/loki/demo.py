@@ -339,11 +339,12 @@ def run_demo(args: DemoArgs) -> list[Result]:
 
     probes = [p for t in world.old for p in t.pairs]
     scores = kva_scores(model, tokenizer, probes, desc="[2/4] KVA on knowledge probes")
+    from loki_kernels.positions import save_positions
     from loki_kernels.selection import select_positions
 
     positions = select_positions(scores, args.quota, "layer_balanced")
     print(f"[2/4] KVA on {len(probes)} probes -> layer-balanced selection: {len(positions[0])} rows per layer")
-    (out / f"{int(args.quota)}.json").write_text(json.dumps(positions) + "\n")
+    save_positions(positions, out / f"{int(args.quota)}.json")
 
     print(f"[3/4] implanting {len(world.new.pairs)} new examples, {args.implant_steps} steps each method")
     results = implant_all(model, tokenizer, world, positions, steps=args.implant_steps, lr=args.lr,

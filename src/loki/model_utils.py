@@ -59,10 +59,12 @@ def get_loki_config_class(model_identifier: str):
     return get_loki_classes(model_identifier)[0]
 
 
-def _positions_for(target_pos_path: PathLike, model) -> list[list[int]]:
-    projs = loki_kernels.find_down_projs(model)
+def _positions_for(target_pos_path: PathLike, model_name: PathLike, trust_remote_code: bool = False) -> list[list[int]]:
+    """Read and validate a position JSON against the model's config, before any weights are loaded."""
+    config = AutoConfig.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     try:
-        return normalize_positions(target_pos_path, len(projs), [p.module.out_features for p in projs])
+        return normalize_positions(target_pos_path, config.num_hidden_layers, config.hidden_size)
     except ValueError as e:
         raise ValueError(f"{os.fspath(target_pos_path)}: {e}") from None
 
@@ -122,8 +124,8 @@ def create_loki_model(
         config_cls, model_cls = get_loki_classes(os.fspath(model_name), trust_remote_code)
         loki_config_cls = loki_config_cls or config_cls
         loki_model_class = loki_model_class or model_cls
+    positions = _positions_for(target_pos_path, model_name, trust_remote_code)
     model = _load_base(model_name, torch_dtype, trust_remote_code)
-    positions = _positions_for(target_pos_path, model)
 
     config = loki_config_cls.from_pretrained(model_name, target_pos=positions, trust_remote_code=trust_remote_code)
     module = Path(modeling_loki.__file__).stem
@@ -177,9 +179,9 @@ def restore_loki_model(
     torch_dtype: Union[torch.dtype, str] = torch.bfloat16,
 ) -> None:
     """Write a plain checkpoint: the base model with the selected ``down_proj`` rows taken from ``model_path``."""
-    base = _load_base(model_name, torch_dtype)
-    positions = _positions_for(target_pos_path, base)
+    positions = _positions_for(target_pos_path, model_name)
     tensors = _read_checkpoint(model_path)
+    base = _load_base(model_name, torch_dtype)
     for proj, rows in zip(loki_kernels.find_down_projs(base), positions):
         if not rows:
             continue
@@ -204,8 +206,8 @@ def set_zero_weights(
     torch_dtype: Union[torch.dtype, str] = torch.bfloat16,
 ) -> None:
     """Save a copy of the model with the listed ``down_proj`` rows zeroed (the suppression ablation)."""
+    positions = _positions_for(target_pos_path, model_name)
     model = _load_base(model_name, torch_dtype)
-    positions = _positions_for(target_pos_path, model)
     for proj, rows in zip(loki_kernels.find_down_projs(model), positions):
         row_view(proj.module)[rows] = 0
     with _AtomicDir(output_path) as tmp:
