@@ -166,6 +166,32 @@ def _block(n: int, rank: int, world: int) -> range:
     return range(min(rank * per, n), min((rank + 1) * per, n))
 
 
+# What must match for a file to be continued: a run with other settings would mix incomparable rows.
+_RESUME_KEYS = ("model_name", "num_layers", "hidden_size", "ig_steps", "ig_method", "semantics", "dataset", "shots",
+                "num_samples", "world_size")
+
+
+def _check_resumable(path: Path, metadata: dict) -> None:
+    if not path.exists():
+        return
+    from loki_kernels.formats import read_metadata
+
+    stored = read_metadata(path)
+    for key in _RESUME_KEYS:
+        if key in stored and str(stored[key]) != str(metadata[key]):
+            raise ValueError(f"cannot resume {path}: it was written with {key}={stored[key]!r}, this run has "
+                             f"{key}={metadata[key]!r}; use another --output-dir/--result-file or delete the file")
+
+
+def _complete(path: Path, num_samples: int) -> bool:
+    if not path.exists():
+        return False
+    from loki_kernels.formats import open_attributions
+
+    with open_attributions(path) as dset:
+        return dset.shape[0] == num_samples
+
+
 def run_analysis(args: AnalyseArgs, model=None, tokenizer=None) -> Path:
     """Attribute every question and write ``args.output``; returns its path. Safe to re-run (resumes)."""
     from loki_kernels import kva
@@ -188,9 +214,10 @@ def run_analysis(args: AnalyseArgs, model=None, tokenizer=None) -> Path:
         model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=dtype).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     from loki_kernels import find_down_projs
+    from loki_kernels.patching import _shape
 
     projs = find_down_projs(model)
-    num_layers, hidden = len(projs), projs[0].module.out_features
+    num_layers, hidden = len(projs), _shape(projs[0].module)[1]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     metadata = dict(model_name=str(args.model_path), model_type=getattr(model.config, "model_type", "unknown"),
                     num_layers=num_layers, hidden_size=hidden, ig_steps=args.steps, ig_method=args.method,
@@ -198,9 +225,13 @@ def run_analysis(args: AnalyseArgs, model=None, tokenizer=None) -> Path:
                     num_samples=len(questions), batch_size=args.batch_size, world_size=world)
 
     output = Path(args.output)
+    if world > 1 and _complete(output, len(questions)):
+        _check_resumable(output, metadata)
+        return output  # an earlier data-parallel run already merged every sample
     target = output if world == 1 else output.with_name(f"{output.stem}.part{rank}-of-{world}{output.suffix}")
     mine = _block(len(questions), rank, world)
     output.parent.mkdir(parents=True, exist_ok=True)
+    _check_resumable(target, metadata)
     with AttributionWriter(target, num_layers, hidden, dtype=args.dtype, metadata=metadata, resume=True) as writer:
         done = writer.num_samples
         if done > len(mine):
