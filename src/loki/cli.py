@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on a built-in tiny model (CPU, a few minutes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quota", type=float, default=10.0, help="percentage of down_proj rows to train")
-    p.add_argument("--steps", type=int, default=150, help="implant steps for every method")
+    p.add_argument("--steps", type=int, default=600, help="implant steps for every method")
     p.add_argument("--out-dir", type=Path, default=Path("loki_demo"), help="where the table, JSON and PNG go")
     p.add_argument("--model", type=Path, default=None, help="a local causal LM directory instead of the tiny model")
     p.add_argument("--data", type=Path, default=None,

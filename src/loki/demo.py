@@ -1,7 +1,7 @@
 """``loki demo``: the whole LoKI pipeline, end to end, on a CPU in a few minutes.
 
 1. A tiny Llama-style model is built from a config and trained in-process on generated "general
-   knowledge": made-up facts (``<subject> <relation> = <object>``) and a small skill (addition mod 10).
+   knowledge": made-up facts (``<subject> <relation> = <object>``) and a small skill (adding two digits from 0 to 5).
 2. KVA scores every ``down_proj`` row on probes of that knowledge; layer-balanced selection at q = 10%.
 3. A new generated task (facts about new subjects) is implanted four ways, each with the same step budget:
    LoKI (the selected rows, via ``patch_model``), the same number of randomly chosen rows, full
@@ -62,7 +62,7 @@ def make_world(seed: int, subjects: int = 40, new_subjects: int = 24) -> World:
     old_names, new_names = names[:subjects], names[subjects:]
     objects = {rel: [f"{rel[:3]}{i}" for i in range(n)] for rel, n in RELATIONS.items()}
     facts = [(f"{s} {rel} =", rng.choice(objects[rel])) for s in old_names for rel in RELATIONS]
-    skill = [(f"{a} plus {b} =", str((a + b) % 10)) for a in range(10) for b in range(10)]
+    skill = [(f"{a} plus {b} =", str(a + b)) for a in range(6) for b in range(6)]
     new_objects = [f"riv{i}" for i in range(NEW_OBJECTS)]
     new = [(f"{s} {NEW_RELATION} =", rng.choice(new_objects)) for s in new_names]
     words = sorted({w for p, a in facts + skill + new for w in (p + " " + a).split()})
@@ -278,7 +278,7 @@ class DemoArgs:
     quota: float = 10.0
     out_dir: Path = Path("loki_demo")
     pretrain_steps: int = 4000
-    implant_steps: int = 150
+    implant_steps: int = 600
     lr: float = 3e-3
     batch_size: int = 32
     model: Optional[Path] = None

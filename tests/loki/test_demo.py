@@ -1,0 +1,89 @@
+"""``loki demo`` (src/loki/demo.py) on a reduced step budget: the pipeline runs end to end, every method trains what
+it should, the files are written; the ``--model/--data`` path on a local model; the forgetting score."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from loki.demo import DemoArgs, forgetting_score, load_jsonl_world, make_world, run_demo, tiny_llama
+from tests.tiny_models import LAYERS, char_tokenizer, tiny_model
+
+
+def test_forgetting_score_is_the_papers():
+    assert forgetting_score({"a": 80.0, "b": 50.0}, {"a": 60.0, "b": 50.0}) == pytest.approx(12.5)
+    assert forgetting_score({"a": 0.0, "b": 40.0}, {"a": 10.0, "b": 50.0}) == pytest.approx(-25.0)
+
+
+def test_world_is_seeded_and_disjoint():
+    a, b = make_world(3), make_world(3)
+    assert a.new.pairs == b.new.pairs and [t.pairs for t in a.old] == [t.pairs for t in b.old]
+    old_prompts = {p for t in a.old for p, _ in t.pairs}
+    assert not old_prompts & {p for p, _ in a.new.pairs}
+    assert make_world(4).new.pairs != a.new.pairs
+
+
+def test_tiny_demo_end_to_end(tmp_path):
+    results = run_demo(DemoArgs(out_dir=tmp_path, pretrain_steps=250, implant_steps=4, batch_size=8))
+    names = [r.method for r in results]
+    assert names[0] == "before implanting" and len(results) == 5
+    loki, rand, full, lora = results[1:]
+    assert "LoKI" in loki.method and "random" in rand.method and "full" in full.method and "LoRA" in lora.method
+    assert 0 < loki.trainable == rand.trainable < lora.trainable < full.trainable
+    positions = json.loads((tmp_path / "10.json").read_text())
+    d_ff = tiny_llama(10).config.intermediate_size
+    assert len(positions) == 4 and all(len(rows) == 12 for rows in positions)  # floor(128 * 10 / 100) per layer
+    assert loki.trainable == sum(len(rows) for rows in positions) * d_ff
+    assert all(0 <= r.new_acc <= 100 and r.ms_per_step >= 0 for r in results)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in saved] == names
+    table = (tmp_path / "results.txt").read_text()
+    assert "forgetting %" in table and all(n in table for n in names)
+    assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _local_model(tmp_path):
+    torch.manual_seed(0)
+    tok = char_tokenizer()
+    model = tiny_model("qwen2", vocab_size=len(tok))
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    records = [{"prompt": f"{w} is", "answer": a, "split": "old"} for w, a in [("sky", "blue"), ("grass", "green")]]
+    records += [{"prompt": f"{w} sounds", "answer": a, "split": "new"} for w, a in [("cat", "meow"), ("dog", "woof")]]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return tmp_path / "model", data
+
+
+def test_demo_on_a_local_model_and_data(tmp_path):
+    model, data = _local_model(tmp_path)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "loki.cli", "demo", "--model", str(model), "--data", str(data),
+                             "--steps", "2", "--quota", "25", "--out-dir", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    positions = json.loads((out / "25.json").read_text())
+    assert len(positions) == LAYERS and all(len(rows) == 10 for rows in positions)  # floor(40 * 25 / 100)
+    assert len(json.loads((out / "results.json").read_text())) == 5
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "a", "answer": "b", "split": "later"}', "split must be"),
+    ('{"prompt": "a"}', "expected a JSON object"),
+    ("not json", "expected a JSON object"),
+])
+def test_bad_demo_data(tmp_path, line, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(ValueError, match=message):
+        load_jsonl_world(path)
+
+
+def test_demo_cli_errors_in_one_line(tmp_path):
+    model, data = _local_model(tmp_path)
+    for args, message in [(["--model", str(model)], "go together"), (["--quota", "0"], "--quota")]:
+        result = subprocess.run([sys.executable, "-m", "loki.cli", "demo", *args, "--out-dir", str(tmp_path / "o")],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
