@@ -275,3 +275,24 @@ def test_torch_compile(backend):
     for proj, twin_proj in zip(find_down_projs(model), find_down_projs(twin)):
         assert rel_err(proj.module.weight_active.grad, twin_proj.module.weight_active.grad) < TOL[torch.float32]
     torch._dynamo.reset()
+
+
+def test_bf16_autocast_matches_unpatched():
+    """Under CPU bf16 autocast the patched model matches the plain one (bf16 tolerance), in loss and in the
+    selected rows' gradients; weight_active stays fp32 and gets an fp32 gradient."""
+    plain = tiny_model()
+    model = copy.deepcopy(plain)
+    rows = random_rows()
+    patch_model(model, rows)
+    ids = batch(2, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+        ref = plain(input_ids=ids, labels=ids).loss
+    loss.backward()
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=TOL[torch.bfloat16])
+    for proj, plain_proj in zip(find_down_projs(model), find_down_projs(plain)):
+        grad = proj.module.weight_active.grad
+        assert proj.module.weight_active.dtype == grad.dtype == torch.float32
+        assert rel_err(grad, plain_proj.module.weight.grad[proj.module.active_pos]) < 2 * TOL[torch.bfloat16]
+        assert proj.module.weight.grad is None
