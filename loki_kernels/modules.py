@@ -103,8 +103,15 @@ class SplitLinear(nn.Module):
         return self.weight.t() if self.transposed else self.weight
 
     def merge_(self) -> None:
-        """Write the trained rows back into ``weight``/``bias`` in place."""
-        if self.weight.numel():  # under ZeRO-3 a parameter outside forward can be an empty shard
+        """Write the trained rows back into ``weight``/``bias`` in place.
+
+        Under FSDP2 (``fully_shard``) the parameters are sharded DTensors outside ``forward``: the rows are
+        then merged on the gathered full tensors and each rank keeps its own shard (a collective: every rank
+        must call it, as every rank calls ``state_dict()``).
+        """
+        if _is_dtensor(self.weight):
+            _merge_sharded(self)
+        elif self.weight.numel():  # under ZeRO-3 a parameter outside forward can be an empty shard
             merge_rows_(self.full_weight(), self.weight_active, self.active_pos, self.bias, self.bias_active)
 
     # -------------------------------------------------------------------------------------- forward
@@ -132,7 +139,40 @@ def _split_on_load(module: SplitLinear, state_dict: dict, prefix: str, *args) ->
         incoming = state_dict.get(prefix + full)
         if incoming is None or prefix + active in state_dict or getattr(module, active) is None:
             continue
+        if _is_dtensor(incoming):  # FSDP2: a sharded full weight in, a sharded weight_active out
+            incoming = incoming.full_tensor()
         rows = incoming.t() if module.transposed and full == "weight" else incoming
         if rows.shape[0] != module.out_features:
             continue  # the regular loader reports the shape mismatch for `weight`
-        state_dict[prefix + active] = rows.index_select(0, module.active_pos.to(incoming.device))
+        selected = rows.index_select(0, module.active_pos.to(incoming.device))
+        target = getattr(module, active)
+        state_dict[prefix + active] = _like(selected, target) if _is_dtensor(target) else selected
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"  # without importing torch.distributed on every call
+
+
+def _like(full: Tensor, dtensor) -> Tensor:
+    """``full`` (the same on every rank) sharded like ``dtensor``, without communication where possible."""
+    from torch.distributed.tensor import distribute_tensor
+
+    try:
+        return distribute_tensor(full, dtensor.device_mesh, dtensor.placements, src_data_rank=None)
+    except TypeError:  # torch < 2.7: no src_data_rank; rank 0's (identical) copy is scattered
+        return distribute_tensor(full, dtensor.device_mesh, dtensor.placements)
+
+
+@torch.no_grad()
+def _merge_sharded(module: SplitLinear) -> None:
+    def full(t):
+        return t.full_tensor() if _is_dtensor(t) else t
+
+    weight = full(module.weight)
+    bias = None if module.bias is None else full(module.bias)
+    bias_active = None if module.bias_active is None else full(module.bias_active)
+    rows = weight.t() if module.transposed else weight
+    merge_rows_(rows, full(module.weight_active), module.active_pos.to(weight.device), bias, bias_active)
+    module.weight.to_local().copy_(_like(weight, module.weight).to_local())
+    if module.bias is not None:
+        module.bias.to_local().copy_(_like(bias, module.bias).to_local())

@@ -131,3 +131,59 @@ def test_ddp_matches_single_process(tmp_path):
     ddp_state = torch.load(tmp_path / "ddp.pt")
     for key, value in snapshot(model).items():
         torch.testing.assert_close(ddp_state[key], value, rtol=1e-5, atol=1e-6)
+
+
+# -------------------------------------------------------------------------------------------- FSDP2
+def _fsdp_worker(rank, world, port, state, rows, batches, out):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+    def sharded(model):
+        patch_model(model, rows)  # patch first, then shard (as the README says)
+        for layer in model.model.layers:
+            fully_shard(layer)
+        return fully_shard(model)
+
+    model = tiny_model()
+    model.load_state_dict(state)
+    sharded(model)
+    _train_steps(model, [b.chunk(world)[rank] for b in batches])
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        torch.save(full, out)  # before set_model_state_dict, which turns the entries into DTensors
+    # A standard full state dict loads into a fresh sharded patched model, trainable rows included.
+    fresh = sharded(tiny_model())
+    set_model_state_dict(fresh, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        same = torch.equal(model(input_ids=batches[0]).logits, fresh(input_ids=batches[0]).logits)
+    if rank == 0:
+        torch.save(same, out.with_suffix(".reload"))
+    dist.destroy_process_group()
+
+
+def test_fsdp2_matches_single_process(tmp_path):
+    """fully_shard (FSDP2) over 2 processes (gloo, CPU): same weights as 1 process, a full state dict with the
+    standard keys, and that state dict loads back into a sharded patched model."""
+    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch >= 2.6")
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("torch.distributed.fsdp.fully_shard needs torch >= 2.6")
+    model = tiny_model()
+    state = snapshot(model)
+    rows = random_rows()
+    batches = [pattern_batch(8) for _ in range(3)]
+    port = 30500 + os.getpid() % 1000
+    mp.spawn(_fsdp_worker, args=(2, port, state, rows, batches, tmp_path / "fsdp.pt"), nprocs=2, join=True)
+
+    patch_model(model, rows)
+    _train_steps(model, batches)
+    state = torch.load(tmp_path / "fsdp.pt")
+    reference = snapshot(model)
+    assert set(state) == set(reference)  # the standard keys, no weight_active
+    for key, value in reference.items():
+        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)
+    assert torch.load(tmp_path / "fsdp.reload")
