@@ -1,7 +1,9 @@
 """A patched model inside real trainers: HF Trainer (with checkpoint resume), TRL's SFTTrainer, and DDP."""
 
 import copy
+import gc
 import os
+import time
 
 import pytest
 import torch
@@ -102,6 +104,26 @@ def _train_steps(model, batches, lr=1e-2):
         opt.zero_grad()
 
 
+def _spawn(worker, args, nprocs=2, timeout=300):
+    """mp.spawn with a deadline: a hung process group fails the test instead of hanging the run."""
+    ctx = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in ctx.processes:
+                process.kill()
+            pytest.fail(f"{worker.__name__} did not finish within {timeout} s")
+
+
+def _shutdown():
+    """Destroy the process group after the caller has dropped its DDP/FSDP modules (``del``). Letting the last
+    reference to a gloo process group die inside a DDP Reducer's destructor can deadlock (the destructor joins
+    gloo's worker thread while holding the GIL that thread waits for)."""
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _ddp_worker(rank, world, port, state, rows, batches, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -114,7 +136,8 @@ def _ddp_worker(rank, world, port, state, rows, batches, out):
     _train_steps(ddp, per_rank)
     if rank == 0:
         torch.save(snapshot(model), out)
-    dist.destroy_process_group()
+    del ddp, model
+    _shutdown()
 
 
 def test_ddp_matches_single_process(tmp_path):
@@ -124,7 +147,7 @@ def test_ddp_matches_single_process(tmp_path):
     rows = random_rows()
     batches = [pattern_batch(8) for _ in range(3)]
     port = 29500 + os.getpid() % 1000
-    mp.spawn(_ddp_worker, args=(2, port, state, rows, batches, tmp_path / "ddp.pt"), nprocs=2, join=True)
+    _spawn(_ddp_worker, (2, port, state, rows, batches, tmp_path / "ddp.pt"))
 
     patch_model(model, rows)
     _train_steps(model, batches)
@@ -161,7 +184,8 @@ def _fsdp_worker(rank, world, port, state, rows, batches, out):
         same = torch.equal(model(input_ids=batches[0]).logits, fresh(input_ids=batches[0]).logits)
     if rank == 0:
         torch.save(same, out.with_suffix(".reload"))
-    dist.destroy_process_group()
+    del model, fresh
+    _shutdown()
 
 
 def test_fsdp2_matches_single_process(tmp_path):
@@ -177,7 +201,7 @@ def test_fsdp2_matches_single_process(tmp_path):
     rows = random_rows()
     batches = [pattern_batch(8) for _ in range(3)]
     port = 30500 + os.getpid() % 1000
-    mp.spawn(_fsdp_worker, args=(2, port, state, rows, batches, tmp_path / "fsdp.pt"), nprocs=2, join=True)
+    _spawn(_fsdp_worker, (2, port, state, rows, batches, tmp_path / "fsdp.pt"))
 
     patch_model(model, rows)
     _train_steps(model, batches)

@@ -149,6 +149,9 @@ class AnalyseArgs:
     max_batch_rows: Optional[int] = None
 
 
+_OWN_GROUP: list = []
+
+
 def _dist():
     """(rank, world size), initialising torch.distributed when launched by torchrun/accelerate."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -158,6 +161,7 @@ def _dist():
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        _OWN_GROUP.append(True)  # ours to destroy at the end of the run
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -258,4 +262,7 @@ def run_analysis(args: AnalyseArgs, model=None, tokenizer=None) -> Path:
             for part in parts:
                 part.unlink()
         dist.barrier()
+        if _OWN_GROUP:
+            _OWN_GROUP.clear()
+            dist.destroy_process_group()
     return output
