@@ -230,7 +230,7 @@ def test_restores_model_state():
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gemma2", "gemma3", "phi3", "qwen3", "olmo2"])
+@pytest.mark.parametrize("arch", ["gpt2", "gemma", "gemma2", "gemma3", "phi3", "qwen3", "olmo2"])
 def test_other_architectures(arch):
     torch.manual_seed(0)
     model = tiny_model(arch).to(DEVICE)
