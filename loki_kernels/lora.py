@@ -12,8 +12,9 @@ only, so every other row of the model stays exactly as it was::
     loki_kernels.unpatch_model(model)    # a plain model; only the selected rows differ from the base
 
 Plain LoRA features only: no DoRA or other variants, no ``lora_bias``, no mixed-adapter batches.
-Saving and loading the adapter alone (``PeftModel.save_pretrained``/``from_pretrained``) needs the same
-``lora_config`` (peft does not store the custom layer); merging and saving the whole model does not.
+The adapter alone saves with ``PeftModel.save_pretrained``; to load it, patch the base model the same way
+and pass ``config=lora_config(model, r=..., lora_alpha=...)`` to ``PeftModel.from_pretrained`` (peft does not
+store the custom layer type). Merged and saved whole models need nothing special.
 """
 
 from __future__ import annotations

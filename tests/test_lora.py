@@ -118,3 +118,16 @@ def test_bad_configs():
         lora_config(model, r=R, use_dora=True)
     config = lora_config(model, r=R)
     assert len(config.target_modules) == LAYERS
+
+
+def test_adapter_save_and_load(tmp_path):
+    """The adapter alone round-trips through PeftModel.save_pretrained / from_pretrained given lora_config."""
+    base, rows, lora = _setup()
+    ids = pattern_batch(2, 8).to(DEVICE)
+    with torch.no_grad():
+        expected = lora(input_ids=ids).logits
+    lora.save_pretrained(tmp_path / "adapter")
+    fresh = loki_kernels.patch_model(copy.deepcopy(base), rows)
+    loaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter", config=lora_config(fresh, r=R, lora_alpha=ALPHA))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
