@@ -40,10 +40,7 @@ transformers = pytest.importorskip("transformers")
 from loki_kernels.kva import attribute  # noqa: E402
 from loki_kernels.kva_reference import captum_loop, paper_estimator  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-DTYPE = torch.bfloat16 if CUDA else torch.float32
-DEVICE_NAME = torch.cuda.get_device_name() if CUDA else "cpu"
+from benchmarks.device import CUDA, DEVICE, DEVICE_NAME, DTYPE  # noqa: E402
 STEPS = 7
 SEED = 0
 MAX_REFERENCE_S = 60.0  # CUDA: a longer reference run is timed on a few layers and extrapolated

@@ -32,10 +32,7 @@ pytest.importorskip("pytest_benchmark")
 from loki_kernels import SplitLinear  # noqa: E402
 from loki_kernels.reference import LoKILinear  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-DTYPE = torch.bfloat16 if CUDA else torch.float32
-DEVICE_NAME = torch.cuda.get_device_name() if CUDA else "cpu"
+from benchmarks.device import CUDA, DEVICE, DEVICE_NAME, DTYPE  # noqa: E402
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 # pedantic settings: a GPU round is a few ms; a CPU round at the Qwen shape is ~25-80 ms on 2 cores, and a

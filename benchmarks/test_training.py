@@ -53,10 +53,7 @@ transformers = pytest.importorskip("transformers")
 from loki_kernels import count_parameters, patch_model  # noqa: E402
 from loki_kernels.backend import resolve_backend  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-DTYPE = torch.bfloat16 if CUDA else torch.float32
-DEVICE_NAME = torch.cuda.get_device_name() if CUDA else "cpu"
+from benchmarks.device import CUDA, DEVICE, DEVICE_NAME, DTYPE  # noqa: E402
 HAS_PEFT = importlib.util.find_spec("peft") is not None
 
 # A CUDA step at the 0.5B shape is tens of ms; a CPU step of the small model is ~50-90 ms on 2 idle cores.

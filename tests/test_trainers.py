@@ -124,6 +124,19 @@ def _shutdown():
     dist.destroy_process_group()
 
 
+def _two_processes_and_one(worker, out, port):
+    """Run ``worker`` in 2 processes on halves of 3 global batches (it writes ``out``), then train the same
+    patched model in this process on the whole batches; returns this process's final state dict."""
+    model = tiny_model()
+    state = snapshot(model)
+    rows = random_rows()
+    batches = [pattern_batch(8) for _ in range(3)]
+    _spawn(worker, (2, port, state, rows, batches, out))
+    patch_model(model, rows)
+    _train_steps(model, batches)
+    return snapshot(model)
+
+
 def _ddp_worker(rank, world, port, state, rows, batches, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -142,17 +155,9 @@ def _ddp_worker(rank, world, port, state, rows, batches, out):
 
 def test_ddp_matches_single_process(tmp_path):
     """2 processes (gloo) on halves of each global batch end with the same weights as 1 process on it all."""
-    model = tiny_model()
-    state = snapshot(model)
-    rows = random_rows()
-    batches = [pattern_batch(8) for _ in range(3)]
-    port = 29500 + os.getpid() % 1000
-    _spawn(_ddp_worker, (2, port, state, rows, batches, tmp_path / "ddp.pt"))
-
-    patch_model(model, rows)
-    _train_steps(model, batches)
+    reference = _two_processes_and_one(_ddp_worker, tmp_path / "ddp.pt", port=29500 + os.getpid() % 1000)
     ddp_state = torch.load(tmp_path / "ddp.pt")
-    for key, value in snapshot(model).items():
+    for key, value in reference.items():
         torch.testing.assert_close(ddp_state[key], value, rtol=1e-5, atol=1e-6)
 
 
@@ -196,17 +201,8 @@ def test_fsdp2_matches_single_process(tmp_path):
 
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("torch.distributed.fsdp.fully_shard needs torch >= 2.6")
-    model = tiny_model()
-    state = snapshot(model)
-    rows = random_rows()
-    batches = [pattern_batch(8) for _ in range(3)]
-    port = 30500 + os.getpid() % 1000
-    _spawn(_fsdp_worker, (2, port, state, rows, batches, tmp_path / "fsdp.pt"))
-
-    patch_model(model, rows)
-    _train_steps(model, batches)
+    reference = _two_processes_and_one(_fsdp_worker, tmp_path / "fsdp.pt", port=30500 + os.getpid() % 1000)
     state = torch.load(tmp_path / "fsdp.pt")
-    reference = snapshot(model)
     assert set(state) == set(reference)  # the standard keys, no weight_active
     for key, value in reference.items():
         torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)

@@ -149,20 +149,18 @@ class AnalyseArgs:
     max_batch_rows: Optional[int] = None
 
 
-_OWN_GROUP: list = []
-
-
 def _dist():
-    """(rank, world size), initialising torch.distributed when launched by torchrun/accelerate."""
+    """(rank, world size, whether this call created the process group), initialising torch.distributed when
+    launched by torchrun/accelerate."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1
+        return 0, 1, False
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        _OWN_GROUP.append(True)  # ours to destroy at the end of the run
-    return dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size(), created
 
 
 def _block(n: int, rank: int, world: int) -> range:
@@ -209,7 +207,7 @@ def run_analysis(args: AnalyseArgs, model=None, tokenizer=None) -> Path:
         for q in load_questions(args.dev_data):
             shots_by_subject.setdefault(q.subject, []).append(q)
 
-    rank, world = _dist()
+    rank, world, own_group = _dist()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if model is None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -262,7 +260,6 @@ def run_analysis(args: AnalyseArgs, model=None, tokenizer=None) -> Path:
             for part in parts:
                 part.unlink()
         dist.barrier()
-        if _OWN_GROUP:
-            _OWN_GROUP.clear()
+        if own_group:
             dist.destroy_process_group()
     return output
