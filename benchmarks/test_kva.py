@@ -1,7 +1,7 @@
 """KVA benchmarks: ``pytest benchmarks/test_kva.py --benchmark-only``.
 
 Per-sample (one prompt) time of :func:`loki_kernels.kva.attribute` against the straightforward estimators
-it reproduces (``loki_kernels.kva_reference``), ``steps = 7``:
+it reproduces (``loki_kernels.reference``), ``steps = 7``:
 
 * group ``<shape>-last_token`` (``method="riemann_left"``, the paper's): ``engine`` =
   ``attribute(semantics="last_token")`` vs ``paper`` = ``paper_estimator`` (LoKI's first commit: per layer,
@@ -38,7 +38,7 @@ pytest.importorskip("pytest_benchmark")
 transformers = pytest.importorskip("transformers")
 
 from loki_kernels.kva import attribute  # noqa: E402
-from loki_kernels.kva_reference import captum_loop, paper_estimator  # noqa: E402
+from loki_kernels.reference import captum_loop, paper_estimator  # noqa: E402
 
 from benchmarks.device import CUDA, DEVICE, DEVICE_NAME, DTYPE  # noqa: E402
 STEPS = 7

@@ -18,7 +18,7 @@ Differences from the original writer:
   one resize and one assignment followed by a flush, so the row count is always the number of complete
   samples; NaN/inf are refused instead of stored.
 - an existing file is never silently truncated or appended to: ``resume=True`` to continue it,
-  ``overwrite=True`` to replace it. Merging writes a new file (atomically) instead of appending to one.
+  ``overwrite=True`` to replace it. Concatenating files writes a new one (atomically) instead of appending to one.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ __all__ = [
     "open_attributions",
     "read_attributions",
     "read_metadata",
-    "merge_attribution_files",
+    "concat_attribution_files",
 ]
 
 DATASET = "dataset"
@@ -79,7 +79,7 @@ def read_attributions(
     """Load samples ``start:stop`` (default: all) of an attribution file into memory, in the stored dtype.
 
     For files larger than memory use :func:`open_attributions` (or pass the path to
-    :func:`loki_kernels.selection.select_positions`, which streams).
+    :func:`loki_kernels.selection.select_target_pos`, which streams).
     """
     with open_attributions(path, dataset=dataset) as dset:
         return dset[start:stop]
@@ -301,15 +301,15 @@ class AttributionWriter:
                 f"hidden={self.hidden_size}, dtype={self.dtype}, {state})")
 
 
-# ---------------------------------------------------------------------------------------------- merging
-def merge_attribution_files(
+# ---------------------------------------------------------------------------------------- concatenating
+def concat_attribution_files(
     inputs: Sequence[PathLike], output: PathLike, *, overwrite: bool = False, chunk_size: int = 256
 ) -> int:
     """Concatenate attribution files along the sample axis, in the order given; returns the sample count.
 
     All inputs must have the same ``[L, H]`` and dtype (else ``ValueError`` naming the file). Samples are
     copied ``chunk_size`` at a time, so inputs larger than memory are fine. The output gets the writer's
-    layout, the first input's metadata, ``merged_from`` (the input names) and ``num_samples_processed``.
+    layout, the first input's metadata, ``concatenated_from`` (the input names) and ``num_samples_processed``.
     It is written to a temporary file in the output's folder and renamed into place, so a failure leaves
     no partial output. An existing ``output`` raises ``FileExistsError`` unless ``overwrite=True`` (the
     original ``merge_files`` appended to it instead).
@@ -317,11 +317,11 @@ def merge_attribution_files(
     inputs = [Path(p) for p in inputs]
     output = Path(output)
     if not inputs:
-        raise ValueError("merge_attribution_files: no input files given")
+        raise ValueError("concat_attribution_files: no input files given")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if output.exists() and not overwrite:
-        raise FileExistsError(f"merge output {os.fspath(output)!r} already exists; pass overwrite=True to replace it")
+        raise FileExistsError(f"output {os.fspath(output)!r} already exists; pass overwrite=True to replace it")
 
     ref_shape, ref_dtype, total, metadata = None, None, 0, {}
     for path in inputs:
@@ -331,7 +331,7 @@ def merge_attribution_files(
                 metadata = {k: v for k, v in dset.attrs.items() if k.startswith(METADATA_PREFIX)}
             elif dset.shape[1:] != ref_shape or dset.dtype != ref_dtype:
                 raise ValueError(
-                    f"cannot merge {os.fspath(path)!r}: it holds [layers, hidden] = {list(dset.shape[1:])} as "
+                    f"cannot concatenate {os.fspath(path)!r}: it holds [layers, hidden] = {list(dset.shape[1:])} as "
                     f"{dset.dtype}, but {os.fspath(inputs[0])!r} holds {list(ref_shape)} as {ref_dtype}"
                 )
             total += dset.shape[0]
@@ -345,7 +345,7 @@ def merge_attribution_files(
                 dtype=ref_dtype, compression=COMPRESSION, compression_opts=COMPRESSION_LEVEL,
             )
             dset_out.attrs.update(metadata)
-            dset_out.attrs[METADATA_PREFIX + "merged_from"] = json.dumps([os.fspath(p) for p in inputs])
+            dset_out.attrs[METADATA_PREFIX + "concatenated_from"] = json.dumps([os.fspath(p) for p in inputs])
             dset_out.attrs[METADATA_PREFIX + "num_samples_processed"] = total
             pos = 0
             for path in inputs:

@@ -7,37 +7,25 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .arch import Conv1D, is_transposed
 from .backend import BACKENDS
-from .ops.split_linear import make_slot, merge_rows_, split_linear
-from .positions import check_rows
+from .ops.split_linear import make_index_map, split_linear, write_back_
+from .target_pos import check_active_pos
 
-try:  # GPT-2 style layers keep their weight as [in, out]
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency, but the op works without it
-    Conv1D = None
-
-__all__ = ["SplitLinear", "is_transposed", "row_view"]
-
-
-def is_transposed(module: nn.Module) -> bool:
-    """True for layers that store their weight as ``[in, out]`` (transformers' ``Conv1D``, GPT-2 style)."""
-    return Conv1D is not None and isinstance(module, Conv1D)
-
-
-def row_view(module: nn.Module) -> Tensor:
-    """The weight of a ``Linear`` or ``Conv1D`` as ``[out, in]``: row ``j`` writes output channel ``j``."""
-    return module.weight.t() if is_transposed(module) else module.weight
+__all__ = ["SplitLinear"]
 
 
 class SplitLinear(nn.Module):
     """A linear layer whose rows ``active_pos`` train (``weight_active``) and whose other rows are frozen.
 
     ``weight`` is the original layer's own Parameter, kept as it was (frozen, same layout, no copy), so the
-    module's ``state_dict()`` has exactly the original keys: ``weight`` holds the merged weight (active rows
-    written back in place on save) and ``weight_active``/``bias_active`` are left out. Loading a standard
-    state dict fills ``weight_active`` from the incoming ``weight``.
+    module's ``state_dict()`` has exactly the original keys: ``weight`` holds the whole trained weight (the
+    active rows are written back in place on save, :meth:`write_back_`) and ``weight_active``/``bias_active``
+    are left out. Loading a standard state dict fills ``weight_active`` from the incoming ``weight``.
 
-    Split weights are read only inside :meth:`forward`, where DeepSpeed ZeRO-3 has gathered them.
+    Split weights are read only inside :meth:`forward`, where DeepSpeed ZeRO-3 has gathered them. A module
+    built on the meta device works once materialised: ``to_empty()`` rebuilds the index buffers, and
+    ``load_state_dict`` fills the weights, trainable rows included.
     """
 
     def __init__(
@@ -54,19 +42,21 @@ class SplitLinear(nn.Module):
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         self.transposed = transposed  # True for Conv1D: weight is stored as [in, out]
         self.backend = backend
-        rows = check_rows(active_pos, weight.shape[1 if transposed else 0], "active_pos")
+        self._rows = tuple(check_active_pos(active_pos, weight.shape[1 if transposed else 0]))
+        # The flags the wrapped layer had, given back by to_module.
+        self._requires_grad = (weight.requires_grad, None if bias is None else bias.requires_grad)
         self.weight = weight
         self.weight.requires_grad_(False)
         self.bias = bias
         if bias is not None:
             bias.requires_grad_(False)
-        pos = torch.tensor(rows, dtype=torch.long, device=weight.device)
+        pos = torch.tensor(self._rows, dtype=torch.long, device=weight.device)
         self.register_buffer("active_pos", pos, persistent=False)
-        self.register_buffer("slot", make_slot(pos, self.out_features), persistent=False)
+        self.register_buffer("index_map", make_index_map(pos, self.out_features), persistent=False)
         with torch.no_grad():
             self.weight_active = nn.Parameter(self.full_weight().index_select(0, pos).clone())
             self.bias_active = None if bias is None else nn.Parameter(bias.index_select(0, pos).clone())
-        self._register_state_dict_hook(_merge_on_save)
+        self._register_state_dict_hook(_write_back_on_save)
         self._register_load_state_dict_pre_hook(_split_on_load, with_module=True)
 
     # ----------------------------------------------------------------------------------- conversion
@@ -78,8 +68,8 @@ class SplitLinear(nn.Module):
         raise TypeError(f"SplitLinear wraps nn.Linear or Conv1D, not {type(module).__name__}")
 
     def to_module(self) -> nn.Module:
-        """A plain ``nn.Linear`` (or ``Conv1D``) holding the merged weight: bit-exact, no copy."""
-        self.merge_()
+        """A plain ``nn.Linear`` (or ``Conv1D``) holding the trained weight: bit-exact, no copy."""
+        self.write_back_()
         with torch.device("meta"):
             if self.transposed:
                 plain = Conv1D(self.out_features, self.in_features)
@@ -87,7 +77,20 @@ class SplitLinear(nn.Module):
                 plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         plain.weight = self.weight
         plain.bias = self.bias
+        self.weight.requires_grad_(self._requires_grad[0])
+        if self.bias is not None:
+            self.bias.requires_grad_(self._requires_grad[1])
         return plain
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), to_empty(), ...: the index buffers are rebuilt from the row list, so that a module
+        # made on the meta device (or moved by to_empty, which leaves buffers uninitialised) is correct.
+        super()._apply(fn, recurse)
+        if not self.active_pos.is_meta:
+            pos = torch.tensor(self._rows, dtype=torch.long, device=self.active_pos.device)
+            self.active_pos = pos
+            self.index_map = make_index_map(pos, self.out_features)
+        return self
 
     # ---------------------------------------------------------------------------------------- views
     @property
@@ -99,26 +102,26 @@ class SplitLinear(nn.Module):
         return self.weight.shape[1 if self.transposed else 0]
 
     def full_weight(self) -> Tensor:
-        """``weight`` as ``[out, in]`` (a view). Its active rows are current only after :meth:`merge_`."""
+        """``weight`` as ``[out, in]`` (a view). Its active rows are current only after :meth:`write_back_`."""
         return self.weight.t() if self.transposed else self.weight
 
-    def merge_(self) -> None:
+    def write_back_(self) -> None:
         """Write the trained rows back into ``weight``/``bias`` in place.
 
         Under FSDP2 (``fully_shard``) the parameters are sharded DTensors outside ``forward``: the rows are
-        then merged on the gathered full tensors and each rank keeps its own shard (a collective: every rank
+        then written on the gathered full tensors and each rank keeps its own shard (a collective: every rank
         must call it, as every rank calls ``state_dict()``).
         """
         if _is_dtensor(self.weight):
-            _merge_sharded(self)
+            _write_back_sharded(self)
         elif self.weight.numel():  # under ZeRO-3 a parameter outside forward can be an empty shard
-            merge_rows_(self.full_weight(), self.weight_active, self.active_pos, self.bias, self.bias_active)
+            write_back_(self.full_weight(), self.weight_active, self.active_pos, self.bias, self.bias_active)
 
     # -------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         return split_linear(
             x, self.full_weight(), self.weight_active, self.active_pos, self.bias, self.bias_active,
-            slot=self.slot, backend=self.backend,
+            index_map=self.index_map, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -128,8 +131,8 @@ class SplitLinear(nn.Module):
         )
 
 
-def _merge_on_save(module: SplitLinear, state_dict: dict, prefix: str, local_metadata) -> None:
-    module.merge_()
+def _write_back_on_save(module: SplitLinear, state_dict: dict, prefix: str, local_metadata) -> None:
+    module.write_back_()
     state_dict.pop(prefix + "weight_active", None)
     state_dict.pop(prefix + "bias_active", None)
 
@@ -164,7 +167,7 @@ def _like(full: Tensor, dtensor) -> Tensor:
 
 
 @torch.no_grad()
-def _merge_sharded(module: SplitLinear) -> None:
+def _write_back_sharded(module: SplitLinear) -> None:
     def full(t):
         return t.full_tensor() if _is_dtensor(t) else t
 
@@ -172,7 +175,7 @@ def _merge_sharded(module: SplitLinear) -> None:
     bias = None if module.bias is None else full(module.bias)
     bias_active = None if module.bias_active is None else full(module.bias_active)
     rows = weight.t() if module.transposed else weight
-    merge_rows_(rows, full(module.weight_active), module.active_pos.to(weight.device), bias, bias_active)
+    write_back_(rows, full(module.weight_active), module.active_pos.to(weight.device), bias, bias_active)
     module.weight.to_local().copy_(_like(weight, module.weight).to_local())
     if module.bias is not None:
         module.bias.to_local().copy_(_like(bias, module.bias).to_local())

@@ -2,111 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from torch import nn
 
+from .arch import find_down_projs, is_transposed
 from .backend import BACKENDS
-from .modules import SplitLinear, is_transposed
-from .positions import PositionsLike, normalize_positions
+from .modules import SplitLinear
+from .target_pos import TargetPosLike, check_target_pos
 
-__all__ = ["patch_model", "unpatch_model", "find_down_projs", "count_parameters", "DOWN_PROJ_NAMES"]
+__all__ = ["patch_model", "unpatch_model", "count_parameters", "ParameterCount"]
 
-# Where the MLP down projection sits inside one decoder layer, for the architectures we know
-# (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi3, OLMo/OLMo2, Granite, Cohere: mlp.down_proj; GPT-2,
-# StarCoder2: mlp.c_proj; GPT-NeoX, Falcon: mlp.dense_4h_to_h; Phi-1/2: mlp.fc2; OPT: fc2).
-# Any other layer is searched by the rule out_features == hidden_size < in_features.
-DOWN_PROJ_NAMES = ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "mlp.fc2", "fc2", "feed_forward.w2")
-
+# patch_model stores the requires_grad flags it found here (on the module it patched), for unpatch_model.
 _SAVED_FLAGS = "_loki_requires_grad"
 
 
-@dataclass
-class DownProj:
-    """One decoder layer's down projection: ``parent.<attr>`` is ``module``, full name ``name``."""
-
-    layer: int
-    name: str
-    parent: nn.Module
-    attr: str
-    module: nn.Module
-
-
-def _shape(module: nn.Module):
-    """(in_features, out_features) of a linear-like layer (Linear, Conv1D, SplitLinear, ...), else None."""
-    if is_transposed(module):
-        return module.weight.shape[0], module.weight.shape[1]
-    shape = getattr(module, "in_features", None), getattr(module, "out_features", None)
-    return shape if all(isinstance(s, int) for s in shape) else None
-
-
-def _text_config(model: nn.Module):
-    config = getattr(model, "config", None)
-    if config is None:
-        raise ValueError(f"{type(model).__name__} has no .config: patch_model expects a transformers model")
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _hidden_and_layers(model: nn.Module) -> tuple[int, int]:
-    config = _text_config(model)
-    hidden = next((getattr(config, a) for a in ("hidden_size", "n_embd", "d_model") if hasattr(config, a)), None)
-    layers = next((getattr(config, a) for a in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(config, a)), None)
-    if hidden is None or layers is None:
-        raise ValueError(f"cannot read hidden size and layer count from {type(config).__name__}")
-    return int(hidden), int(layers)
-
-
-def _down_proj_in(layer: nn.Module, hidden: int):
-    """(attribute path, module) of the down projection of one decoder layer, or None."""
-    for path in DOWN_PROJ_NAMES:
-        module = layer.get_submodule(path) if _has_submodule(layer, path) else None
-        shape = _shape(module) if module is not None else None
-        if shape and shape[1] == hidden and shape[0] > hidden:
-            return path, module
-    found = [(n, m) for n, m in layer.named_modules() if (s := _shape(m)) and s[1] == hidden and s[0] > hidden]
-    mlp_like = [(n, m) for n, m in found if any(w in n for w in ("mlp", "ffn", "feed_forward"))]
-    if len(found) == 1:
-        return found[0]
-    if len(mlp_like) == 1:
-        return mlp_like[0]
-    return None
-
-
-def _has_submodule(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
-
-
-def find_down_projs(model: nn.Module) -> list[DownProj]:
-    """The MLP down projection of every decoder layer, in layer order."""
-    hidden, num_layers = _hidden_and_layers(model)
-    candidates = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            found = [_down_proj_in(layer, hidden) for layer in module]
-            if all(found):
-                candidates.append((name, module, found))
-    if not candidates:
-        raise ValueError(
-            f"{type(model).__name__}: found no list of {num_layers} decoder layers that each have an MLP down "
-            f"projection (a Linear with out_features == hidden_size == {hidden} < in_features)"
-        )
-    # Prefer the language model's layers over, e.g., a vision tower of the same depth.
-    candidates.sort(key=lambda c: (any(w in c[0] for w in ("vision", "visual", "audio")), len(c[0])))
-    list_name, layers, found = candidates[0]
-    result = []
-    for i, (path, module) in enumerate(found):
-        parent_path, _, attr = path.rpartition(".")
-        parent = layers[i].get_submodule(parent_path) if parent_path else layers[i]
-        result.append(DownProj(i, f"{list_name}.{i}.{path}", parent, attr, module))
-    return result
-
-
-def patch_model(model: nn.Module, target_pos: PositionsLike, *, freeze_rest: bool = True, backend: str = "auto") -> nn.Module:
+def patch_model(model: nn.Module, target_pos: TargetPosLike, *, freeze_rest: bool = True, backend: str = "auto") -> nn.Module:
     """Make only the rows ``target_pos`` of each layer's MLP down projection trainable, in place.
 
     Args:
@@ -116,32 +27,41 @@ def patch_model(model: nn.Module, target_pos: PositionsLike, *, freeze_rest: boo
         freeze_rest: set ``requires_grad=False`` on every other parameter of the model.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for the split matmul.
 
-    Invalid input raises ``ValueError`` naming the layer and value, and leaves the model untouched.
+    Patch before wrapping the model (peft, DDP, FSDP, ``torch.compile``). A model built on the meta device
+    may be patched; after ``to_empty()``, load its weights with ``load_state_dict`` (which fills the trainable
+    rows too). Invalid input raises ``ValueError`` naming the layer and value, and leaves the model untouched.
     Returns the same model.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if any(isinstance(m, SplitLinear) for m in model.modules()):
-        raise ValueError("the model is already patched; call unpatch_model first")
+        raise ValueError(f"{type(model).__name__} is already patched; call unpatch_model first")
     projs = find_down_projs(model)
-    positions = normalize_positions(target_pos, len(projs), [_shape(p.module)[1] for p in projs])
+    for proj in projs:
+        if _is_peft_layer(proj.module):
+            raise ValueError(
+                f"{proj.name} is already wrapped by peft ({type(proj.module).__name__}): call patch_model before "
+                f"adding LoRA, and use loki_kernels.lora.lora_config to put the adapter on the selected rows only"
+            )
+        if not (isinstance(proj.module, nn.Linear) or is_transposed(proj.module)):
+            raise ValueError(f"{proj.name} is a {type(proj.module).__name__}; patch_model splits nn.Linear or Conv1D")
+    target_pos = check_target_pos(target_pos, len(projs), [p.out_features for p in projs])
 
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     try:  # building a SplitLinear freezes the shared weight; undo that if any layer fails
         replacements = [
-            (proj, SplitLinear.from_module(proj.module, rows, backend=backend))
-            for proj, rows in zip(projs, positions)
-            if rows
+            (proj, SplitLinear.from_module(proj.module, active_pos, backend=backend))
+            for proj, active_pos in zip(projs, target_pos)
+            if active_pos
         ]
     except BaseException:
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags[name])
+        _restore_flags(model, flags)
         raise
     if freeze_rest:
         for p in model.parameters():
             p.requires_grad_(False)
     for proj, split in replacements:
-        setattr(proj.parent, proj.attr, split)
+        proj.replace(split)
     setattr(model, _SAVED_FLAGS, flags)
     return model
 
@@ -149,18 +69,28 @@ def patch_model(model: nn.Module, target_pos: PositionsLike, *, freeze_rest: boo
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Turn every ``SplitLinear`` back into a plain layer holding the trained rows (bit-exact), in place.
 
-    ``requires_grad`` flags are restored to what they were before :func:`patch_model`.
+    ``requires_grad`` flags come back to what they were before :func:`patch_model`, whether it was called
+    on ``model`` or on one of its submodules (its base model, say).
     """
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, SplitLinear):
                 setattr(module, child_name, child.to_module())
-    flags = model.__dict__.pop(_SAVED_FLAGS, None)
-    if flags is not None:
-        for name, p in model.named_parameters():
-            if name in flags:
-                p.requires_grad_(flags[name])
+    for module in model.modules():
+        flags = module.__dict__.pop(_SAVED_FLAGS, None)
+        if flags is not None:
+            _restore_flags(module, flags)
     return model
+
+
+def _restore_flags(model: nn.Module, flags: dict[str, bool]) -> None:
+    for name, p in model.named_parameters():
+        if name in flags:
+            p.requires_grad_(flags[name])
+
+
+def _is_peft_layer(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("peft.") or hasattr(module, "base_layer")
 
 
 class ParameterCount(NamedTuple):

@@ -2,7 +2,7 @@
 
 Same semantics as the original ``src/loki/selection`` (and the notebooks the paper used):
 
-- ``scores[t, l, j]`` is the **signed** attribution of row ``j`` of layer ``l``'s ``down_proj`` on sample ``t``.
+- ``attributions[t, l, j]`` is the **signed** attribution of row ``j`` of layer ``l``'s ``down_proj`` on sample ``t``.
   Nothing takes ``abs`` or averages over samples; low means most *negative*.
 - Each sample votes for rows; the rows with the most votes are chosen.
 
@@ -13,11 +13,11 @@ Same semantics as the original ``src/loki/selection`` (and the notebooks the pap
     per layer, so layers get uneven (possibly zero) counts. ``T = floor(L * H * q / 100)`` (:func:`total_quota`).
 
 - Output: one list of Python ints per layer, ordered by descending vote count (not sorted), as in the
-  original position JSONs.
+  original target_pos JSONs.
 
 Tie-breaking (deterministic, independent of chunking, device and library build):
 
-- within a sample, equal scores go to the **lower** index first, for ``*_lowest`` and ``global_highest``
+- within a sample, equal attributions go to the **lower** index first, for ``*_lowest`` and ``global_highest``
   alike, i.e. the votes go to the first ``k`` of a stable ascending (descending) sort; in the flattened
   ranking of the global strategies the index is ``l * H + j``. ``-0.0`` and ``0.0`` are equal;
 - in the final ranking, equal vote counts go to the **higher** index first. For the global strategies this
@@ -28,7 +28,7 @@ Tie-breaking (deterministic, independent of chunking, device and library build):
 Differences from the original code:
 
 - the original min-max normalised each sample (per layer, or over all layers) before ranking. That map is
-  monotone, so it is skipped and raw scores are ranked. It can still differ from the original where float
+  monotone, so it is skipped and raw attributions are ranked. It can still differ from the original where float
   rounding of the normalisation merged two nearly equal values into a tie (notably with float16 data,
   which the original normalised in float16), and where ``max == min`` (all values become 0 there, and its
   unstable sort picked an arbitrary order; here all values tie and the lower index comes first);
@@ -37,8 +37,8 @@ Differences from the original code:
   ``int((1 / L) * (L * H * q / 100))`` equals ``floor(H * q / 100)`` for all its shipped settings
   (Llama-3.1-8B 409/819/1228 at q = 10/20/30, Qwen2.5-0.5B 44/89/179/268 at q = 5/10/20/30) but not always:
   L = 49, H = 1024, q = 100 gives 1023 there, 1024 here;
-- NaN/inf scores raise ``ValueError`` instead of being ranked, and an empty score array is an error;
-- scores are processed ``chunk_size`` samples at a time, so an HDF5 file need not fit in memory; a
+- NaN/inf attributions raise ``ValueError`` instead of being ranked, and an empty attribution array is an error;
+- attributions are processed ``chunk_size`` samples at a time, so an HDF5 file need not fit in memory; a
   sample's ``k`` lowest are found with ``topk`` plus explicit tie handling (the stable sort's set, without
   sorting).
 """
@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["STRATEGIES", "select_positions", "vote_counts", "positions_from_counts", "layer_quota", "total_quota"]
+__all__ = ["STRATEGIES", "select_target_pos", "vote_counts", "target_pos_from_counts", "layer_quota", "total_quota"]
 
 STRATEGIES = ("layer_balanced", "global_lowest", "global_highest")
 
@@ -79,6 +79,11 @@ def _exact(quota: float) -> Fraction:
     return Fraction(repr(float(quota))) if not isinstance(quota, numbers.Integral) else Fraction(int(quota))
 
 
+def _smallest_quota(rows: int) -> float:
+    """The smallest quota with at most 4 decimals that selects one of ``rows`` rows."""
+    return math.ceil(100 / rows * 10**4) / 10**4
+
+
 def _check_quota(quota: Any) -> None:
     if isinstance(quota, bool) or not isinstance(quota, numbers.Real):
         raise ValueError(f"quota must be a percentage in (0, 100], got {quota!r}")
@@ -92,38 +97,46 @@ def _check_strategy(strategy: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ public
-def select_positions(
-    scores: Any,
+def select_target_pos(
+    attributions: Any,
     quota: float,
     strategy: str = "layer_balanced",
     *,
     chunk_size: int = 256,
     progress: bool = False,
 ) -> list[list[int]]:
-    """Trainable rows per layer (``list[L]`` of Python ints, most voted first) from KVA ``scores``.
+    """Trainable rows per layer (``list[L]`` of Python ints, most voted first) from KVA ``attributions``.
 
-    ``scores`` is ``[N, L, H]`` signed attributions: a numpy array, a torch tensor (processed on its
+    ``attributions`` is ``[N, L, H]`` signed attributions: a numpy array, a torch tensor (processed on its
     device), an h5py Dataset, anything else with ``.shape`` and slicing, or the path of an attribution
     HDF5 file (dataset ``"dataset"``, read ``chunk_size`` samples at a time; never loaded whole).
     ``quota`` is a percentage in (0, 100]; ``strategy`` one of :data:`STRATEGIES`. See the module
     docstring for the semantics and tie-breaking. ``progress=True`` shows a tqdm bar over samples.
 
-    Raises ``ValueError`` for a bad quota or strategy, scores that are not 3-D or empty, and NaN/inf
-    scores (naming the sample, layer and row).
+    Raises ``ValueError`` for a bad quota or strategy, a quota so small that it selects no row at all (the
+    original returned empty lists), attributions that are not 3-D or empty, and NaN/inf attributions (naming
+    the sample, layer and row).
     """
     _check_quota(quota)
     _check_strategy(strategy)
-    if isinstance(scores, (str, os.PathLike)):
+    if isinstance(attributions, (str, os.PathLike)):
         from .formats import open_attributions
 
-        with open_attributions(scores) as dset:
-            return select_positions(dset, quota, strategy, chunk_size=chunk_size, progress=progress)
-    counts = _vote_counts(scores, quota, strategy, chunk_size, progress)
-    return positions_from_counts(counts, quota, strategy)
+        with open_attributions(attributions) as dset:
+            return select_target_pos(dset, quota, strategy, chunk_size=chunk_size, progress=progress)
+    counts = _vote_counts(attributions, quota, strategy, chunk_size, progress)
+    num_layers, hidden = counts.shape
+    if strategy == "layer_balanced" and layer_quota(hidden, quota) == 0:
+        raise ValueError(f"quota {quota:g}% selects no row: it is less than one of the {hidden} rows of a layer "
+                         f"(the smallest quota that selects one is {_smallest_quota(hidden):g}%)")
+    if strategy != "layer_balanced" and total_quota(num_layers, hidden, quota) == 0:
+        raise ValueError(f"quota {quota:g}% selects no row: it is less than one of the {num_layers * hidden} rows "
+                         f"of all layers (the smallest quota that selects one is {_smallest_quota(num_layers * hidden):g}%)")
+    return target_pos_from_counts(counts, quota, strategy)
 
 
 def vote_counts(
-    scores: Any,
+    attributions: Any,
     quota: float,
     strategy: str = "layer_balanced",
     *,
@@ -132,20 +145,20 @@ def vote_counts(
 ) -> np.ndarray:
     """The ``[L, H]`` int64 matrix of votes: how many samples put each row among their lowest (highest).
 
-    Same inputs as :func:`select_positions`, which is ``positions_from_counts(vote_counts(...))``.
+    Same inputs as :func:`select_target_pos`, which is ``target_pos_from_counts(vote_counts(...))``.
     Counts of disjoint sample sets add up, so shards can be counted separately and summed.
     """
     _check_quota(quota)
     _check_strategy(strategy)
-    if isinstance(scores, (str, os.PathLike)):
+    if isinstance(attributions, (str, os.PathLike)):
         from .formats import open_attributions
 
-        with open_attributions(scores) as dset:
+        with open_attributions(attributions) as dset:
             return vote_counts(dset, quota, strategy, chunk_size=chunk_size, progress=progress)
-    return _vote_counts(scores, quota, strategy, chunk_size, progress).cpu().numpy()
+    return _vote_counts(attributions, quota, strategy, chunk_size, progress).cpu().numpy()
 
 
-def positions_from_counts(counts: Any, quota: float, strategy: str = "layer_balanced") -> list[list[int]]:
+def target_pos_from_counts(counts: Any, quota: float, strategy: str = "layer_balanced") -> list[list[int]]:
     """The final ranking: the most voted rows of an ``[L, H]`` vote matrix, ties to the higher index.
 
     ``layer_balanced``: the ``k`` most voted rows of each layer. Global strategies: the ``T`` most voted
@@ -170,19 +183,19 @@ def positions_from_counts(counts: Any, quota: float, strategy: str = "layer_bala
 
 
 # ------------------------------------------------------------------------------------------------ voting
-def _vote_counts(scores: Any, quota: float, strategy: str, chunk_size: int, progress: bool) -> torch.Tensor:
+def _vote_counts(attributions: Any, quota: float, strategy: str, chunk_size: int, progress: bool) -> torch.Tensor:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    if not isinstance(scores, torch.Tensor) and not (hasattr(scores, "shape") and hasattr(scores, "__getitem__")):
-        scores = np.asarray(scores)
-    shape = tuple(int(s) for s in scores.shape)
+    if not isinstance(attributions, torch.Tensor) and not (hasattr(attributions, "shape") and hasattr(attributions, "__getitem__")):
+        attributions = np.asarray(attributions)
+    shape = tuple(int(s) for s in attributions.shape)
     if len(shape) != 3:
-        raise ValueError(f"scores must be 3-D [samples, layers, hidden_size], got shape {shape}")
+        raise ValueError(f"attributions must be 3-D [samples, layers, hidden_size], got shape {shape}")
     num_samples, num_layers, hidden = shape
     if 0 in shape:
-        raise ValueError(f"scores are empty (shape {shape}): nothing to select from")
+        raise ValueError(f"attributions are empty (shape {shape}): nothing to select from")
 
-    device = scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu")
+    device = attributions.device if isinstance(attributions, torch.Tensor) else torch.device("cpu")
     counts = torch.zeros(num_layers, hidden, dtype=torch.int64, device=device)
     k = layer_quota(hidden, quota) if strategy == "layer_balanced" else total_quota(num_layers, hidden, quota)
     if k == 0:  # the quota rounds to no row: nobody votes (the original returns empty lists too)
@@ -194,7 +207,7 @@ def _vote_counts(scores: Any, quota: float, strategy: str, chunk_size: int, prog
 
         bar = tqdm(total=num_samples, desc=f"selecting ({strategy}, q={quota:g}%)", unit="sample")
     try:
-        for start, chunk in _chunks(scores, num_samples, chunk_size, device):
+        for start, chunk in _chunks(attributions, num_samples, chunk_size, device):
             _check_finite(chunk, start)
             if strategy == "layer_balanced":  # per sample and layer, the k lowest of H values
                 votes = _extreme_k(chunk, k, largest=False)
@@ -231,19 +244,19 @@ def _extreme_k(x: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     return beyond | (at & (at.cumsum(dim=-1) <= room))
 
 
-def _chunks(scores: Any, num_samples: int, chunk_size: int, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+def _chunks(attributions: Any, num_samples: int, chunk_size: int, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
     """``(start, samples start:start+chunk_size)`` as tensors on ``device``; float16/bfloat16 widened to float32."""
     for start in range(0, num_samples, chunk_size):
-        block = scores[start:start + chunk_size]
+        block = attributions[start:start + chunk_size]
         if isinstance(block, torch.Tensor):
             chunk = block.detach()
         else:
             array = np.asarray(block)
             if array.dtype.kind not in "fiu":
-                raise ValueError(f"scores must be real numbers, got dtype {array.dtype}")
+                raise ValueError(f"attributions must be real numbers, got dtype {array.dtype}")
             chunk = torch.from_numpy(np.ascontiguousarray(array))
         if chunk.is_complex() or chunk.dtype == torch.bool:
-            raise ValueError(f"scores must be real numbers, got dtype {chunk.dtype}")
+            raise ValueError(f"attributions must be real numbers, got dtype {chunk.dtype}")
         if chunk.dtype in (torch.float16, torch.bfloat16):  # exact widening; some sorts lack half support
             chunk = chunk.float()
         yield start, chunk.to(device)
@@ -257,6 +270,6 @@ def _check_finite(chunk: torch.Tensor, start: int) -> None:
         return
     t, layer, row = (int(i) for i in torch.nonzero(~finite)[0])
     raise ValueError(
-        f"score of sample {start + t}, layer {layer}, row {row} is {chunk[t, layer, row].item()}: "
+        f"attribution of sample {start + t}, layer {layer}, row {row} is {chunk[t, layer, row].item()}: "
         f"attributions must be finite (found NaN/inf)"
     )

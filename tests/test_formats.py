@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from loki_kernels import positions as positions_module
+from loki_kernels import target_pos as target_pos_module
 from loki_kernels.formats import (
     AttributionWriter,
-    merge_attribution_files,
+    concat_attribution_files,
     open_attributions,
     read_attributions,
     read_metadata,
 )
-from loki_kernels.positions import load_positions, normalize_positions, save_positions
-from loki_kernels.selection import select_positions
+from loki_kernels.target_pos import load_target_pos, check_target_pos, save_target_pos
+from loki_kernels.selection import select_target_pos
 from tests.conftest import SEED
 
 L, H = 3, 12
@@ -204,7 +204,7 @@ def test_read_original_head_file(tmp_path, rng):
     assert stored.dtype == np.float16
     np.testing.assert_array_equal(stored, data.astype(np.float16))
     assert read_metadata(path) == meta | dict(num_samples_processed=9, completed_at="2025-11-20T12:00:00")
-    assert select_positions(path, 25, chunk_size=4) == select_positions(data.astype(np.float16), 25)
+    assert select_target_pos(path, 25, chunk_size=4) == select_target_pos(data.astype(np.float16), 25)
     # resuming an original float16 file works when float16 is asked for
     with AttributionWriter(path, L, H, dtype="float16", resume=True) as w:
         w.append(np.zeros((1, L, H)))
@@ -221,7 +221,7 @@ def test_read_first_commit_file(tmp_path, rng):
     assert read_attributions(path).dtype == np.float32
     np.testing.assert_array_equal(read_attributions(path), data.astype(np.float32))
     assert read_metadata(path) == {}
-    assert select_positions(path, 50, "global_lowest", chunk_size=4) == select_positions(data, 50, "global_lowest")
+    assert select_target_pos(path, 50, "global_lowest", chunk_size=4) == select_target_pos(data, 50, "global_lowest")
 
 
 def test_open_errors(tmp_path):
@@ -229,7 +229,7 @@ def test_open_errors(tmp_path):
     with pytest.raises(ValueError, match=r"attribution file '.*nope.h5' does not exist"):
         read_attributions(missing)
     with pytest.raises(ValueError, match="does not exist"):
-        select_positions(missing, 10)
+        select_target_pos(missing, 10)
 
     text = tmp_path / "text.h5"
     text.write_text("not hdf5")
@@ -249,7 +249,7 @@ def test_open_errors(tmp_path):
     with h5py.File(flat, "w") as f:
         f["dataset"] = np.zeros((2, L * H))
     with pytest.raises(ValueError, match=r"'dataset' in '.*flat.h5' has shape \(2, 36\); expected 3-D"):
-        select_positions(flat, 10)
+        select_target_pos(flat, 10)
 
 
 # ------------------------------------------------------------------------------ merge
@@ -262,18 +262,18 @@ def test_merge(tmp_path, rng):
             w.append(datas[-1])
         parts.append(path)
     out = tmp_path / "merged" / "kva.h5"
-    assert merge_attribution_files(parts, out, chunk_size=2) == 10
+    assert concat_attribution_files(parts, out, chunk_size=2) == 10
     np.testing.assert_array_equal(read_attributions(out), np.concatenate(datas))
     meta = read_metadata(out)
     assert meta["model_name"] == "tiny" and meta["rank"] == 0 and meta["num_samples_processed"] == 10
-    assert meta["merged_from"] == [os.fspath(p) for p in parts]
+    assert meta["concatenated_from"] == [os.fspath(p) for p in parts]
     with open_attributions(out) as d:
         assert d.maxshape == (None, L, H) and d.chunks == (1, L, H) and d.compression == "gzip"
     assert sorted(p.name for p in out.parent.iterdir()) == ["kva.h5"]  # no temporary left behind
 
     with pytest.raises(FileExistsError, match="already exists"):
-        merge_attribution_files(parts, out)
-    assert merge_attribution_files(parts[::-1], out, overwrite=True) == 10
+        concat_attribution_files(parts, out)
+    assert concat_attribution_files(parts[::-1], out, overwrite=True) == 10
     np.testing.assert_array_equal(read_attributions(out), np.concatenate(datas[::-1]))
 
 
@@ -283,68 +283,68 @@ def test_merge_mismatch(tmp_path):
         w.append(np.ones((1, L, H)))
     with AttributionWriter(b, L, H, dtype="float16") as w:
         w.append(np.ones((1, L, H)))
-    message = r"cannot merge '.*b.h5'.*\[3, 12\] as float16.*'.*a.h5' holds \[3, 12\] as float32"
+    message = r"cannot concatenate '.*b.h5'.*\[3, 12\] as float16.*'.*a.h5' holds \[3, 12\] as float32"
     with pytest.raises(ValueError, match=message):
-        merge_attribution_files([a, b], out)
+        concat_attribution_files([a, b], out)
     with pytest.raises(ValueError, match="no input files"):
-        merge_attribution_files([], out)
+        concat_attribution_files([], out)
     with pytest.raises(ValueError, match="does not exist"):
-        merge_attribution_files([a, tmp_path / "c.h5"], out)
+        concat_attribution_files([a, tmp_path / "c.h5"], out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5", "b.h5"]
 
 
 # ------------------------------------------------------------------------------ position JSON
-def test_save_positions_round_trip(tmp_path, rng):
+def test_save_target_pos_round_trip(tmp_path, rng):
     scores = rng.standard_normal((8, L, 40))
     for strategy in ("layer_balanced", "global_lowest"):
-        positions = select_positions(scores, 20, strategy)
+        target_pos = select_target_pos(scores, 20, strategy)
         path = tmp_path / "pos_json" / "model" / f"{strategy}.json"
-        save_positions(positions, path)
+        save_target_pos(target_pos, path)
         text = path.read_text()
         assert text.startswith("[\n    [") and text.endswith("]\n")  # the original's indent=4, plus a newline
-        assert load_positions(path) == positions  # order kept (most voted first), Python ints
-        assert normalize_positions(path, L, 40) == [sorted(rows) for rows in positions]
-    save_positions(np.array([[3, 1], [0, 2]]), tmp_path / "arr.json")
-    assert load_positions(tmp_path / "arr.json") == [[3, 1], [0, 2]]
-    save_positions([[], [5]], tmp_path / "empty_layer.json")  # global strategies can leave layers empty
-    assert load_positions(tmp_path / "empty_layer.json") == [[], [5]]
+        assert load_target_pos(path) == target_pos  # order kept (most voted first), Python ints
+        assert check_target_pos(path, L, 40) == [sorted(rows) for rows in target_pos]
+    save_target_pos(np.array([[3, 1], [0, 2]]), tmp_path / "arr.json")
+    assert load_target_pos(tmp_path / "arr.json") == [[3, 1], [0, 2]]
+    save_target_pos([[], [5]], tmp_path / "empty_layer.json")  # global strategies can leave layers empty
+    assert load_target_pos(tmp_path / "empty_layer.json") == [[], [5]]
 
 
 @pytest.mark.parametrize(
-    "positions, message",
-    [([[1, 2], [3, 1.5]], r"positions layer 1: row 1.5 is not an integer"),
-     ([[1, 2], [-1]], r"positions layer 1: row -1 is negative"),
-     ([[1, 1]], r"positions layer 0: row 1 is listed twice"),
-     ([[1], "12"], r"positions layer 1: expected a list of row indices, got str"),
+    "target_pos, message",
+    [([[1, 2], [3, 1.5]], r"target_pos layer 1: row 1.5 is not an integer"),
+     ([[1, 2], [-1]], r"target_pos layer 1: row -1 is negative"),
+     ([[1, 1]], r"target_pos layer 0: row 1 is listed twice"),
+     ([[1], "12"], r"target_pos layer 1: expected a list of row indices, got str"),
      ([[True]], r"row True is not an integer"),
      ([[object()]], r"is not an integer"),
-     ({"0": [1]}, r"positions must be a list of row lists"),
+     ({"0": [1]}, r"target_pos must be a list of row lists"),
      ([], r"at least one layer")],
 )
-def test_save_positions_rejects_and_keeps_old_file(tmp_path, positions, message):
+def test_save_target_pos_rejects_and_keeps_old_file(tmp_path, target_pos, message):
     path = tmp_path / "10.json"
-    save_positions([[4, 2]], path)
+    save_target_pos([[4, 2]], path)
     with pytest.raises(ValueError, match=message):
-        save_positions(positions, path)
+        save_target_pos(target_pos, path)
     assert path.read_text() == "[\n    [\n        4,\n        2\n    ]\n]\n"
     assert os.listdir(tmp_path) == ["10.json"]
 
 
-def test_save_positions_is_atomic(tmp_path, monkeypatch):
+def test_save_target_pos_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "10.json"
-    save_positions([[4, 2]], path)
+    save_target_pos([[4, 2]], path)
     old = path.read_text()
 
     def fail(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(positions_module.os, "fsync", fail)  # fails after part of the write
+    monkeypatch.setattr(target_pos_module.os, "fsync", fail)  # fails after part of the write
     with pytest.raises(OSError, match="disk full"):
-        save_positions([[1, 2, 3]] * 50, path)
+        save_target_pos([[1, 2, 3]] * 50, path)
     assert path.read_text() == old and os.listdir(tmp_path) == ["10.json"]
     with pytest.raises(OSError, match="disk full"):
-        save_positions([[1]], tmp_path / "new.json")
+        save_target_pos([[1]], tmp_path / "new.json")
     assert os.listdir(tmp_path) == ["10.json"]
     monkeypatch.undo()
-    save_positions([[1, 2, 3]], path)
+    save_target_pos([[1, 2, 3]], path)
     assert json.loads(path.read_text()) == [[1, 2, 3]]

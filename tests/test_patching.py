@@ -11,29 +11,7 @@ from transformers import AutoModelForCausalLM
 from loki_kernels import SplitLinear, count_parameters, find_down_projs, patch_model, unpatch_model
 from loki_kernels.reference import LoKILinear, apply_reference_loki
 from tests.conftest import TOL, rel_err
-from tests.tiny_models import ARCHS, FFN, HIDDEN, LAYERS, batch, random_rows, tiny_model
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def train(model, ids, steps=3, lr=1e-2):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
-def snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+from tests.tiny_models import ARCHS, FFN, HIDDEN, LAYERS, batch, logits, random_rows, snapshot, tiny_model, train
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -92,8 +70,8 @@ def test_training_matches_original_loki_linear(arch):
     assert ours == pytest.approx(theirs, rel=1e-5)
     for proj, ref_proj in zip(find_down_projs(model), find_down_projs(reference)):
         assert isinstance(ref_proj.module, LoKILinear)
-        proj.module.merge_()
-        assert rel_err(proj.module.weight, ref_proj.module.merged_weight()) < 1e-5
+        proj.module.write_back_()
+        assert rel_err(proj.module.weight, ref_proj.module.full_weight()) < 1e-5
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

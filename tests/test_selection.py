@@ -17,8 +17,8 @@ import torch
 from loki_kernels.selection import (
     STRATEGIES,
     layer_quota,
-    positions_from_counts,
-    select_positions,
+    target_pos_from_counts,
+    select_target_pos,
     total_quota,
     vote_counts,
 )
@@ -52,11 +52,20 @@ def make_scores(rng, kind, n=None, layers=3, hidden=None):
 
 
 # ------------------------------------------------------------------------------ slow reference
+def _select_or_empty(scores, quota, strategy, **kwargs):
+    """select_target_pos, or the original's empty lists where the quota selects no row (which we refuse)."""
+    try:
+        return select_target_pos(scores, quota, strategy, **kwargs)
+    except ValueError as e:
+        assert "selects no row" in str(e)
+        return [[] for _ in range(scores.shape[1])]
+
+
 def slow_select(scores, quota, strategy, normalise=False):
     """Loops over samples and layers; ties: lower index within a sample, higher index in the final ranking.
 
     ``normalise=True`` applies the original's per-sample min-max normalisation first (only used on data
-    where it cannot merge distinct values, to show it does not change the result).
+    where it cannot concatenate distinct values, to show it does not change the result).
     """
     q = Fraction(str(quota))
     n, layers, hidden = scores.shape
@@ -103,7 +112,7 @@ def test_matches_slow_reference(rng, strategy, kind):
     scores = make_scores(rng, kind)
     for quota in (int(rng.integers(1, 101)), 100, 12.5, 33.3):
         expected, expected_counts = slow_select(scores, quota, strategy)
-        got = select_positions(scores, quota, strategy, chunk_size=int(rng.integers(1, 8)))
+        got = _select_or_empty(scores, quota, strategy, chunk_size=int(rng.integers(1, 8)))
         assert got == expected, (strategy, kind, quota)
         assert vote_counts(scores, quota, strategy).tolist() == expected_counts
         assert all(type(row) is int for layer in got for row in layer)
@@ -114,20 +123,20 @@ def test_original_normalisation_does_not_change_the_result(rng, strategy):
     scores = make_scores(rng, "decimal")
     scores[2] = 0.0  # a max == min sample
     quota = int(rng.integers(1, 101))
-    assert select_positions(scores, quota, strategy) == slow_select(scores, quota, strategy, normalise=True)[0]
+    assert _select_or_empty(scores, quota, strategy) == slow_select(scores, quota, strategy, normalise=True)[0]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_input_types_agree(rng, strategy):
     scores = make_scores(rng, "decimal")
-    expected = select_positions(scores, 20, strategy)
-    assert select_positions(torch.from_numpy(scores), 20, strategy) == expected
-    assert select_positions(torch.from_numpy(scores).to(torch.float64), 20, strategy, chunk_size=4) == expected
-    assert select_positions(scores.tolist(), 20, strategy) == expected
+    expected = select_target_pos(scores, 20, strategy)
+    assert select_target_pos(torch.from_numpy(scores), 20, strategy) == expected
+    assert select_target_pos(torch.from_numpy(scores).to(torch.float64), 20, strategy, chunk_size=4) == expected
+    assert select_target_pos(scores.tolist(), 20, strategy) == expected
     half = scores.astype(np.float16)
-    assert select_positions(torch.from_numpy(half), 20, strategy) == select_positions(half, 20, strategy)
+    assert select_target_pos(torch.from_numpy(half), 20, strategy) == select_target_pos(half, 20, strategy)
     bf16 = torch.from_numpy(scores).bfloat16()
-    assert select_positions(bf16, 20, strategy) == select_positions(bf16.float().numpy(), 20, strategy)
+    assert select_target_pos(bf16, 20, strategy) == select_target_pos(bf16.float().numpy(), 20, strategy)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -137,13 +146,13 @@ def test_streaming_from_hdf5_equals_in_memory(tmp_path, rng, strategy):
     with h5py.File(path, "w") as f:
         f.create_dataset("dataset", data=scores, maxshape=(None, *scores.shape[1:]), chunks=True,
                          compression="gzip", compression_opts=4)
-    expected = select_positions(scores, 30, strategy)
+    expected = select_target_pos(scores, 30, strategy)
     assert expected == slow_select(scores, 30, strategy)[0]
     for chunk_size in (1, 4, 5, 16, 17, 1000):  # 4 and 5 do not divide 17
-        assert select_positions(path, 30, strategy, chunk_size=chunk_size) == expected
-        assert select_positions(str(path), 30, strategy, chunk_size=chunk_size, progress=True) == expected
+        assert select_target_pos(path, 30, strategy, chunk_size=chunk_size) == expected
+        assert select_target_pos(str(path), 30, strategy, chunk_size=chunk_size, progress=True) == expected
     with h5py.File(path, "r") as f:
-        assert select_positions(f["dataset"], 30, strategy, chunk_size=5) == expected
+        assert select_target_pos(f["dataset"], 30, strategy, chunk_size=5) == expected
         streamed = vote_counts(f["dataset"], 30, strategy, chunk_size=4)
         assert streamed.tolist() == vote_counts(scores, 30, strategy).tolist()
 
@@ -152,7 +161,7 @@ def test_streaming_from_hdf5_equals_in_memory(tmp_path, rng, strategy):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_cuda_tensor_equals_cpu(rng, strategy):
     scores = make_scores(rng, "decimal")
-    assert select_positions(torch.from_numpy(scores).cuda(), 25, strategy) == select_positions(scores, 25, strategy)
+    assert select_target_pos(torch.from_numpy(scores).cuda(), 25, strategy) == select_target_pos(scores, 25, strategy)
 
 
 # ------------------------------------------------------------------------------ properties
@@ -161,29 +170,29 @@ def test_cuda_tensor_equals_cpu(rng, strategy):
 def test_properties(rng, strategy, kind):
     scores = make_scores(rng, kind)
     n, layers, hidden = scores.shape
-    quota = int(rng.integers(1, 101))
-    positions = select_positions(scores, quota, strategy)
+    quota = int(rng.integers(-(-100 // hidden), 101))  # at least one row per layer
+    target_pos = select_target_pos(scores, quota, strategy)
     counts = vote_counts(scores, quota, strategy)
-    assert len(positions) == layers
-    for rows in positions:
+    assert len(target_pos) == layers
+    for rows in target_pos:
         assert len(set(rows)) == len(rows) and all(0 <= r < hidden for r in rows)
 
     if strategy == "layer_balanced":
         k = layer_quota(hidden, quota)
         assert (counts.sum(axis=1) == n * k).all()  # every sample votes k rows per layer
-        scopes = [(counts[layer], rows) for layer, rows in enumerate(positions)]
-        assert [len(rows) for rows in positions] == [k] * layers
+        scopes = [(counts[layer], rows) for layer, rows in enumerate(target_pos)]
+        assert [len(rows) for rows in target_pos] == [k] * layers
     else:
         total = total_quota(layers, hidden, quota)
         assert counts.sum() == n * total
-        flat_rows = [layer * hidden + r for layer, rows in enumerate(positions) for r in rows]
+        flat_rows = [layer * hidden + r for layer, rows in enumerate(target_pos) for r in rows]
         scopes = [(counts.reshape(-1), flat_rows)]
-        assert sum(map(len, positions)) == total
+        assert sum(map(len, target_pos)) == total
     for votes, chosen in scopes:
         unchosen = sorted(set(range(len(votes))) - set(chosen))
         if chosen and unchosen:  # every chosen row has at least as many votes as every unchosen one
             assert votes[chosen].min() >= votes[unchosen].max()
-    for layer, rows in enumerate(positions):  # most voted first
+    for layer, rows in enumerate(target_pos):  # most voted first
         assert list(counts[layer][rows]) == sorted(counts[layer][rows], reverse=True)
 
 
@@ -192,8 +201,8 @@ def test_global_strategies_go_opposite_ways(rng):
     scores[:, 0] -= 100.0  # layer 0 is the lowest, layer 2 the highest
     scores[:, 2] += 100.0
     hidden = scores.shape[2]
-    low = select_positions(scores, 100 / 3, "global_lowest")
-    high = select_positions(scores, 100 / 3, "global_highest")
+    low = select_target_pos(scores, 100 / 3, "global_lowest")
+    high = select_target_pos(scores, 100 / 3, "global_highest")
     assert sorted(low[0]) == list(range(hidden)) and low[1] == low[2] == []
     assert sorted(high[2]) == list(range(hidden)) and high[0] == high[1] == []
 
@@ -201,9 +210,9 @@ def test_global_strategies_go_opposite_ways(rng):
 def test_lowest_is_signed_not_absolute():
     scores = np.array([[[-5.0, 0.1, 3.0, -0.2]]] * 4, dtype=np.float32)
     # rows 0 and 3 (or 2 and 1) get every vote; equal counts list the higher index first
-    assert select_positions(scores, 50, "layer_balanced") == [[3, 0]]
-    assert select_positions(scores, 50, "global_lowest") == [[3, 0]]
-    assert select_positions(scores, 50, "global_highest") == [[2, 1]]
+    assert select_target_pos(scores, 50, "layer_balanced") == [[3, 0]]
+    assert select_target_pos(scores, 50, "global_lowest") == [[3, 0]]
+    assert select_target_pos(scores, 50, "global_highest") == [[2, 1]]
 
 
 def test_tie_breaking_rules():
@@ -211,22 +220,22 @@ def test_tie_breaking_rules():
     # equal counts go to the higher index first
     scores = np.zeros((3, 2, 10), dtype=np.float32)
     assert vote_counts(scores, 30, "layer_balanced").tolist() == [[3, 3, 3] + [0] * 7] * 2
-    assert select_positions(scores, 30, "layer_balanced") == [[2, 1, 0], [2, 1, 0]]
+    assert select_target_pos(scores, 30, "layer_balanced") == [[2, 1, 0], [2, 1, 0]]
     # global: the 6 lowest flat indices get the votes -> layer 0 rows 0..5, ranked from the higher index
-    assert select_positions(scores, 30, "global_lowest") == [[5, 4, 3, 2, 1, 0], []]
-    assert select_positions(scores, 30, "global_highest") == [[5, 4, 3, 2, 1, 0], []]
+    assert select_target_pos(scores, 30, "global_lowest") == [[5, 4, 3, 2, 1, 0], []]
+    assert select_target_pos(scores, 30, "global_highest") == [[5, 4, 3, 2, 1, 0], []]
     # zero-vote rows are never preferred, even at a higher index
     counts = np.array([[2, 0, 2, 1]])
-    assert positions_from_counts(counts, 50, "layer_balanced") == [[2, 0]]
-    assert positions_from_counts(counts, 75, "global_lowest") == [[2, 0, 3]]
+    assert target_pos_from_counts(counts, 50, "layer_balanced") == [[2, 0]]
+    assert target_pos_from_counts(counts, 75, "global_lowest") == [[2, 0, 3]]
 
 
 def test_chunk_size_does_not_matter(rng):
     scores = make_scores(rng, "small_int", n=13)
     for strategy in STRATEGIES:
-        expected = select_positions(scores, 40, strategy, chunk_size=256)
+        expected = select_target_pos(scores, 40, strategy, chunk_size=256)
         for chunk_size in (1, 2, 5, 12):
-            assert select_positions(scores, 40, strategy, chunk_size=chunk_size) == expected
+            assert select_target_pos(scores, 40, strategy, chunk_size=chunk_size) == expected
 
 
 # ------------------------------------------------------------------------------ quotas
@@ -241,7 +250,7 @@ def test_shipped_quotas(layers, hidden, quota, k):
     assert int((1 / layers) * (layers * hidden * quota / 100)) == k  # the original's formula agrees here
     assert total_quota(layers, hidden, quota) == int(layers * hidden * quota / 100)
     scores = torch.randn(2, 2, hidden)
-    assert [len(rows) for rows in select_positions(scores, quota)] == [k, k]
+    assert [len(rows) for rows in select_target_pos(scores, quota)] == [k, k]
 
 
 def test_quota_is_exact_where_floats_are_not():
@@ -249,9 +258,13 @@ def test_quota_is_exact_where_floats_are_not():
     assert int((1 / 49) * (49 * 1024 * 100 / 100)) == 1023
     assert layer_quota(1024, 100) == 1024
     assert layer_quota(1000, 0.1) == 1 and total_quota(3, 1000, 0.1) == 3
-    assert layer_quota(10, 9.99) == 0  # rounds down to nothing: no rows, as in the original
-    assert select_positions(np.random.randn(3, 2, 10), 9.99) == [[], []]
-    assert select_positions(np.random.randn(3, 2, 10), 100) != [[], []]
+    assert layer_quota(10, 9.99) == 0  # rounds down to nothing: the original returned empty lists; we refuse
+    with pytest.raises(ValueError, match=r"quota 9.99% selects no row: .* of the 10 rows of a layer .* is 10%"):
+        select_target_pos(np.random.randn(3, 2, 10), 9.99)
+    with pytest.raises(ValueError, match=r"quota 1% selects no row: .* of the 20 rows of all layers .* is 5%"):
+        select_target_pos(np.random.randn(3, 2, 10), 1, "global_lowest")
+    assert target_pos_from_counts(np.zeros((2, 10), dtype=np.int64), 9.99) == [[], []]  # the counts API does not
+    assert select_target_pos(np.random.randn(3, 2, 10), 100) != [[], []]
 
 
 # ------------------------------------------------------------------------------ errors
@@ -264,7 +277,7 @@ def test_non_finite_scores_are_named(bad, where, rng):
     for strategy in STRATEGIES:
         for chunk_size in (3, 256):
             with pytest.raises(ValueError, match=rf"sample {where[0]}, layer {where[1]}, row {where[2]} is {bad}"):
-                select_positions(scores, 10, strategy, chunk_size=chunk_size)
+                select_target_pos(scores, 10, strategy, chunk_size=chunk_size)
 
 
 def test_non_finite_in_hdf5_is_named_with_its_absolute_sample_index(tmp_path, rng):
@@ -274,38 +287,38 @@ def test_non_finite_in_hdf5_is_named_with_its_absolute_sample_index(tmp_path, rn
     with h5py.File(path, "w") as f:
         f["dataset"] = scores
     with pytest.raises(ValueError, match=r"sample 8, layer 2, row 5 is nan"):
-        select_positions(path, 10, chunk_size=3)
+        select_target_pos(path, 10, chunk_size=3)
 
 
 @pytest.mark.parametrize("shape", [(5, 40), (2, 3, 4, 5), (7,)])
 def test_wrong_rank(shape):
     with pytest.raises(ValueError, match=r"3-D \[samples, layers, hidden_size\].*" + re.escape(str(shape))):
-        select_positions(np.zeros(shape), 10)
+        select_target_pos(np.zeros(shape), 10)
 
 
 def test_empty_scores():
     with pytest.raises(ValueError, match="empty"):
-        select_positions(np.zeros((0, 3, 10)), 10)
+        select_target_pos(np.zeros((0, 3, 10)), 10)
 
 
 @pytest.mark.parametrize("quota", [0, -1, 100.5, 101, float("nan"), float("inf"), "10", None, True])
 def test_bad_quota(quota):
     with pytest.raises(ValueError, match=r"quota must be a percentage in \(0, 100\]"):
-        select_positions(np.zeros((2, 2, 10)), quota)
+        select_target_pos(np.zeros((2, 2, 10)), quota)
 
 
 def test_bad_strategy():
     choices = "layer_balanced, global_lowest, global_highest"
     with pytest.raises(ValueError, match=f"unknown selection strategy 'lowest'; choose one of {choices}"):
-        select_positions(np.zeros((2, 2, 10)), 10, "lowest")
+        select_target_pos(np.zeros((2, 2, 10)), 10, "lowest")
 
 
 @pytest.mark.parametrize("chunk_size", [0, -3, 2.5])
 def test_bad_chunk_size(chunk_size):
     with pytest.raises(ValueError, match="chunk_size"):
-        select_positions(np.zeros((2, 2, 10)), 10, chunk_size=chunk_size)
+        select_target_pos(np.zeros((2, 2, 10)), 10, chunk_size=chunk_size)
 
 
 def test_non_numeric_scores():
     with pytest.raises(ValueError, match="real numbers"):
-        select_positions(np.zeros((2, 2, 10), dtype=complex), 10)
+        select_target_pos(np.zeros((2, 2, 10), dtype=complex), 10)

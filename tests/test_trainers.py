@@ -12,8 +12,7 @@ import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from loki_kernels import find_down_projs, patch_model
-from tests.test_patching import logits, snapshot
-from tests.tiny_models import HIDDEN, char_tokenizer, pattern_batch, random_rows, tiny_model
+from tests.tiny_models import HIDDEN, char_tokenizer, logits, pattern_batch, random_rows, snapshot, tiny_model
 
 
 class _Sequences(torch.utils.data.Dataset):

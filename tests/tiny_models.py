@@ -1,4 +1,4 @@
-"""Tiny random causal LMs built from configs (nothing is downloaded)."""
+"""Tiny random causal LMs built from configs (nothing is downloaded), and the helpers tests run them with."""
 
 import torch
 import transformers
@@ -66,3 +66,25 @@ def pattern_batch(n: int = 8, length: int = 16) -> torch.Tensor:
     start = torch.randint(0, VOCAB, (n, 1))
     step = torch.randint(1, 4, (n, 1))
     return (start + step * torch.arange(length)) % VOCAB
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def train(model, ids, steps=3, lr=1e-2):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

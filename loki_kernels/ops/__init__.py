@@ -1,5 +1,10 @@
-"""One file per op: Triton kernels, the autograd.Function and the PyTorch path live together."""
+"""One file per op: Triton kernels, the autograd.Function and the PyTorch path live together.
 
-from .split_linear import SplitLinearFunction, make_slot, split_linear
+* :mod:`.split_linear`: the split matmul behind every patched ``down_proj`` (LoKI's core).
+* :mod:`.kva_quadrature`: integrated-gradient interpolation and weighted reduction for KVA.
+* :mod:`.common`: helpers the op files share (device guard, compute dtype, interpreter switches).
+"""
 
-__all__ = ["split_linear", "make_slot", "SplitLinearFunction"]
+from .split_linear import SplitLinearFunction, make_index_map, merged_rows, split_linear, write_back_
+
+__all__ = ["split_linear", "make_index_map", "merged_rows", "write_back_", "SplitLinearFunction"]

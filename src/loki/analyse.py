@@ -6,10 +6,17 @@ JSON, JSONL or CSV file (or a ``datasets`` dataset already on disk), builds the 
 :func:`loki_kernels.kva.attribute` on batches, and appends one ``[L, H]`` row per sample to the HDF5
 dataset ``"dataset"`` in sample order.
 
-* Resume: run the same command again; samples already in the file are skipped, none is duplicated.
+* Everything is checked before the model is loaded or a file is created: the arguments, every record of the
+  data (a bad one is named, with what is wrong), and every prompt's length against the model's positions.
+* Resume: run the same command again; samples already in the file are skipped, none is duplicated. The
+  file remembers the settings and the *content* of the data files (SHA-256), so a changed data file or
+  other settings are refused, while another spelling of the same path resumes. The rows already there are
+  read back first, and the whole file again at the end: a damaged file is reported, never called written.
+* One run per output: a lock of our own (``<output>.lock``, ``flock``) refuses a second run on the same file,
+  also where HDF5's own file locking is switched off.
 * Data parallel: under ``torchrun`` or ``accelerate launch`` every rank takes one contiguous block of
-  samples and writes its own part file; rank 0 then merges the parts in rank order into the one output
-  file (the original wrote only rank 0's samples).
+  samples and writes its own part file; rank 0 then concatenates the parts in rank order into the one
+  output file (the original wrote only rank 0's samples).
 * Differences from the original script: prompts are left-padded inside the engine, so the attribution
   target is each prompt's own last token (the original right-padded batches and attributed pad
   positions); results are float32 unless ``--dtype float16`` is asked for.
@@ -17,8 +24,12 @@ dataset ``"dataset"`` in sample order.
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
 import logging
+import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +38,15 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .constants import DEFAULT_IG_STEPS
+from loki_kernels.kva import DEFAULT_METHOD, DEFAULT_STEPS, METHODS, SEMANTICS, quadrature
+
+from loki_kernels.files import FileLock
 
 logger = logging.getLogger(__name__)
 
 LETTERS = "ABCDEFGHIJ"
+DTYPES = ("float32", "float16")  # of the stored attributions
+TORCH_DTYPES = ("auto", "float32", "float16", "bfloat16")  # of the model
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -43,44 +58,126 @@ class Question:
     answer: int  # index into choices
 
 
-def _read_table(path: Path) -> list[dict]:
+def _read_table(path: Path) -> list:
+    """The records of a data file, as a list (each should be a dict; :func:`_question` checks them)."""
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return data if isinstance(data, list) else data.get("data", data.get("rows", []))
-    if suffix in (".csv", ".parquet"):
-        import pandas as pd
-
-        frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
-        return frame.to_dict("records")
     if path.is_dir():  # a datasets.Dataset saved with save_to_disk
         from datasets import load_from_disk
 
-        return list(load_from_disk(str(path)))
+        try:
+            return list(load_from_disk(str(path)))
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"{path}: not a dataset saved with datasets' save_to_disk ({e})") from None
+    if suffix == ".jsonl":
+        records = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path} line {n}: not valid JSON ({e})") from None
+        return records
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return _json_records(data, path)
+    if suffix in (".csv", ".parquet"):
+        import pandas as pd
+
+        try:
+            frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+        except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+            raise ValueError(f"{path}: cannot be read as {suffix[1:].upper()} ({str(e).splitlines()[0]})") from None
+        return frame.to_dict("records")
     raise ValueError(f"{path}: unsupported data file (use .parquet, .json, .jsonl, .csv or a datasets directory)")
 
 
-def _question(record: dict, where: str) -> Question:
-    try:
-        choices = record["choices"]
-        if isinstance(choices, str):  # CSV cells hold the list as JSON text
-            choices = json.loads(choices)
-        answer = record["answer"]
-        if isinstance(answer, str):
-            answer = LETTERS.index(answer.strip().upper()) if not answer.strip().isdigit() else int(answer)
-        q = Question(str(record.get("subject", "general")), str(record["question"]), tuple(map(str, choices)), int(answer))
-    except (KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{where}: expected question, choices, answer (and subject) fields: {e!r}") from None
-    if not 0 <= q.answer < len(q.choices):
-        raise ValueError(f"{where}: answer {q.answer} is not a valid choice index for {len(q.choices)} choices")
-    return q
+def _json_records(data, path: Path) -> list:
+    """Records from a JSON document: a list of records, ``{"data"|"rows": [...]}``, or any pandas ``to_json``."""
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict):
+        for key in ("data", "rows"):
+            if isinstance(data.get(key), list):
+                rows = data[key]
+                if rows and isinstance(rows[0], list) and isinstance(data.get("columns"), list):  # orient="split"
+                    return [dict(zip(data["columns"], row)) for row in rows]
+                return rows  # {"data": records}, and orient="table"
+        values = list(data.values())
+        if values and all(isinstance(v, dict) for v in values):
+            if "question" in data:  # orient="columns": {field: {row: value}}
+                index = list(values[0])
+                return [{field: column.get(i) for field, column in data.items()} for i in index]
+            return values  # orient="index": {row: record}
+    raise ValueError(f"{path}: expected a JSON list of question records (or a pandas to_json table), "
+                     f"got {type(data).__name__}")
+
+
+def _parse_choices(value, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):  # CSV cells: JSON text, or a Python list literal as pandas writes it
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                raise ValueError(f"{where}: choices {value[:60]!r} is not a list") from None
+    if hasattr(value, "tolist"):  # numpy arrays from parquet
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{where}: choices must be a list of strings, got {type(value).__name__}")
+    if not 2 <= len(value) <= len(LETTERS):
+        raise ValueError(f"{where}: {len(value)} choices; between 2 and {len(LETTERS)} (A-{LETTERS[-1]}) are supported")
+    return tuple(str(c) for c in value)
+
+
+def _parse_answer(value, choices: tuple[str, ...], where: str) -> int:
+    text = str(value).strip() if isinstance(value, str) else None
+    if text is not None and len(text) == 1 and text.upper() in LETTERS:
+        answer = LETTERS.index(text.upper())
+    elif text is not None and text.lstrip("+-").isdigit():
+        answer = int(text)
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        answer = int(value)
+    elif isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+        answer = int(value)  # pandas reads an integer column holding a missing value as float
+    else:
+        raise ValueError(f"{where}: answer {value!r} is neither a choice index nor a letter A-{LETTERS[-1]}")
+    if not 0 <= answer < len(choices):
+        raise ValueError(f"{where}: answer {value!r} is not a valid choice for {len(choices)} choices "
+                         f"(0-{len(choices) - 1} or A-{LETTERS[len(choices) - 1]})")
+    return answer
+
+
+def _text(value, field: str, where: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip():
+        raise ValueError(f"{where}: {field} is empty")
+    return str(value)
+
+
+def _question(record, where: str) -> Question:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected an object with question, choices, answer (and subject), "
+                         f"got {type(record).__name__}")
+    missing = [k for k in ("question", "choices", "answer") if k not in record]
+    if missing:
+        raise ValueError(f"{where}: missing field {', '.join(repr(k) for k in missing)} (expected question, "
+                         f"choices, answer and subject)")
+    choices = _parse_choices(record["choices"], where)
+    subject = record.get("subject", "general")
+    subject = "general" if subject is None or (isinstance(subject, float) and math.isnan(subject)) else str(subject)
+    return Question(subject, _text(record["question"], "question", where), choices,
+                    _parse_answer(record["answer"], choices, where))
 
 
 def load_questions(source: os.PathLike | str, max_samples_per_subset: Optional[int] = None) -> list[Question]:
-    """MMLU-format questions in file order; at most ``max_samples_per_subset`` per subject (the first ones)."""
+    """MMLU-format questions in file order; at most ``max_samples_per_subset`` per subject (the first ones).
+
+    Any malformed record raises ``ValueError`` naming the file, the record and what is wrong.
+    """
     path = Path(source)
     if not path.exists():
         raise ValueError(f"data file {path} does not exist")
@@ -140,13 +237,41 @@ class AnalyseArgs:
     dev_data: Optional[Path] = None  # 5-shot examples per subject (MMLU's dev split)
     shots: int = 0
     max_samples_per_subset: Optional[int] = None
-    steps: int = DEFAULT_IG_STEPS
-    method: str = "riemann_left"
+    steps: int = DEFAULT_STEPS
+    method: str = DEFAULT_METHOD
     semantics: str = "last_token"
     batch_size: int = 4
     dtype: str = "float32"  # of the stored attributions
     torch_dtype: str = "auto"
     max_batch_rows: Optional[int] = None
+
+    def check(self) -> None:
+        """Every setting, before anything is loaded or written (``ValueError`` naming the flag)."""
+        _positive(self.batch_size, "--batch-size")
+        if self.max_batch_rows is not None:
+            _positive(self.max_batch_rows, "--max-batch-rows")
+        if self.max_samples_per_subset is not None:
+            _positive(self.max_samples_per_subset, "--max-samples-per-subset")
+        if isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 0:
+            raise ValueError(f"--shots must be 0 or a positive integer, got {self.shots!r}")
+        if self.shots and self.dev_data is None:
+            raise ValueError("--shots needs --dev-data (MMLU's dev split)")
+        for value, name, allowed in ((self.method, "--method", METHODS), (self.semantics, "--semantics", SEMANTICS),
+                                     (self.dtype, "--dtype", DTYPES), (self.torch_dtype, "--torch-dtype", TORCH_DTYPES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        try:
+            quadrature(self.method, self.steps)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--steps: {e}") from None
+        for path, name in ((self.model_path, "--model-path"), (self.data, "--data"), (self.dev_data, "--dev-data")):
+            if path is not None and not Path(path).exists():
+                raise ValueError(f"{name} {path} does not exist")
+
+
+def _positive(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _dist():
@@ -168,9 +293,26 @@ def _block(n: int, rank: int, world: int) -> range:
     return range(min(rank * per, n), min((rank + 1) * per, n))
 
 
+def content_sha256(path: Optional[os.PathLike]) -> str:
+    """SHA-256 of a file's bytes (of every file, by relative name, for a directory); "" for no path."""
+    if path is None:
+        return ""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 # What must match for a file to be continued: a run with other settings would mix incomparable rows.
-_RESUME_KEYS = ("model_name", "num_layers", "hidden_size", "ig_steps", "ig_method", "semantics", "dataset", "shots",
-                "num_samples", "world_size")
+# Paths are compared resolved and data files by content, so another spelling of the same file resumes.
+_RESUME_KEYS = ("model_path", "num_layers", "hidden_size", "ig_steps", "ig_method", "semantics", "dataset_sha256",
+                "dev_dataset_sha256", "shots", "max_samples_per_subset", "num_samples", "world_size")
 
 
 def _check_resumable(path: Path, metadata: dict) -> None:
@@ -181,85 +323,146 @@ def _check_resumable(path: Path, metadata: dict) -> None:
     stored = read_metadata(path)
     for key in _RESUME_KEYS:
         if key in stored and str(stored[key]) != str(metadata[key]):
-            raise ValueError(f"cannot resume {path}: it was written with {key}={stored[key]!r}, this run has "
-                             f"{key}={metadata[key]!r}; use another --output-dir/--result-file or delete the file")
+            what = "content" if key.endswith("sha256") else repr(stored[key])
+            raise ValueError(f"cannot resume {path}: it was written with {key}={what}, this run has "
+                             f"{key}={'another content' if key.endswith('sha256') else repr(metadata[key])}; "
+                             f"use another --output-dir/--result-file or delete the file")
 
 
-def _complete(path: Path, num_samples: int) -> bool:
-    if not path.exists():
-        return False
+def verify(path: Path, num_samples: Optional[int] = None, chunk_size: int = 64) -> int:
+    """Read every sample back: the file opens, its rows read and are finite. Returns the row count.
+
+    ``ValueError`` ("... is damaged") otherwise, or when it holds other than ``num_samples`` rows.
+    """
+    import numpy as np
+
     from loki_kernels.formats import open_attributions
 
-    with open_attributions(path) as dset:
-        return dset.shape[0] == num_samples
+    try:
+        with open_attributions(path) as dset:
+            rows = int(dset.shape[0])
+            for start in range(0, rows, chunk_size):
+                block = dset[start:start + chunk_size]
+                if not np.isfinite(block).all():
+                    bad = start + int(np.argwhere(~np.isfinite(block))[0][0])
+                    raise ValueError(f"sample {bad} holds NaN/inf")
+    except (OSError, ValueError) as e:
+        if "in use" in str(e):
+            raise
+        raise ValueError(f"{path} is damaged ({e}); delete it and run again") from None
+    if num_samples is not None and rows != num_samples:
+        raise ValueError(f"{path} is damaged: it holds {rows} samples, {num_samples} were written")
+    return rows
 
 
 def run_analysis(args: AnalyseArgs, model=None, tokenizer=None) -> Path:
     """Attribute every question and write ``args.output``; returns its path. Safe to re-run (resumes)."""
     from loki_kernels import kva
-    from loki_kernels.formats import AttributionWriter, merge_attribution_files
+    from loki_kernels.arch import find_down_projs, max_positions, model_dims
+    from loki_kernels.formats import AttributionWriter, concat_attribution_files
 
+    args.check()
     questions = load_questions(args.data, args.max_samples_per_subset)
     shots_by_subject: dict[str, list[Question]] = {}
     if args.shots:
-        if args.dev_data is None:
-            raise ValueError("--shots needs --dev-data (MMLU's dev split)")
         for q in load_questions(args.dev_data):
             shots_by_subject.setdefault(q.subject, []).append(q)
 
-    rank, world, own_group = _dist()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if model is None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    if tokenizer is None:
+        from transformers import AutoTokenizer
 
-        dtype = "auto" if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype)
-        model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=dtype).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(args.model_path)
-    from loki_kernels import find_down_projs
-    from loki_kernels.patching import _shape
+    if model is None:
+        from transformers import AutoConfig
 
-    projs = find_down_projs(model)
-    num_layers, hidden = len(projs), _shape(projs[0].module)[1]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    metadata = dict(model_name=str(args.model_path), model_type=getattr(model.config, "model_type", "unknown"),
-                    num_layers=num_layers, hidden_size=hidden, ig_steps=args.steps, ig_method=args.method,
-                    semantics=args.semantics, dataset=str(args.data), shots=args.shots,
-                    num_samples=len(questions), batch_size=args.batch_size, world_size=world)
+        config = AutoConfig.from_pretrained(args.model_path)
+    else:
+        config = model.config
+    hidden, num_layers = model_dims(config)
+    prompts = _prompts(questions, shots_by_subject, args.shots, tokenizer, max_positions(config))
 
+    rank, world, own_group = _dist()
+    metadata = dict(model_name=str(args.model_path), model_path=os.path.realpath(args.model_path),
+                    model_type=getattr(config, "model_type", "unknown"), num_layers=num_layers, hidden_size=hidden,
+                    ig_steps=args.steps, ig_method=args.method, semantics=args.semantics, dataset=str(args.data),
+                    dataset_sha256=content_sha256(args.data),
+                    dev_dataset_sha256=content_sha256(args.dev_data) if args.shots else "", shots=args.shots,
+                    max_samples_per_subset=args.max_samples_per_subset, num_samples=len(questions),
+                    batch_size=args.batch_size, world_size=world)
     output = Path(args.output)
-    if world > 1 and _complete(output, len(questions)):
-        _check_resumable(output, metadata)
-        return output  # an earlier data-parallel run already merged every sample
     target = output if world == 1 else output.with_name(f"{output.stem}.part{rank}-of-{world}{output.suffix}")
     mine = _block(len(questions), rank, world)
     output.parent.mkdir(parents=True, exist_ok=True)
-    _check_resumable(target, metadata)
-    with AttributionWriter(target, num_layers, hidden, dtype=args.dtype, metadata=metadata, resume=True) as writer:
-        done = writer.num_samples
-        if done > len(mine):
-            raise ValueError(f"{target} already holds {done} samples, more than the {len(mine)} this run assigns to it")
-        todo = list(mine)[done:]
-        bar = tqdm(total=len(mine), initial=done, desc=f"KVA rank {rank}" if world > 1 else "KVA", unit="sample")
-        for start in range(0, len(todo), args.batch_size):
-            batch = [questions[i] for i in todo[start:start + args.batch_size]]
-            rows = [prompt_ids(tokenizer, q, shots_by_subject.get(q.subject, [])[: args.shots]) for q in batch]
-            ids, mask = left_pad(rows, pad_id)
-            scores = kva.attribute(model, ids.to(device), mask.to(device), steps=args.steps, method=args.method,
-                                   semantics=args.semantics, max_batch_rows=args.max_batch_rows)
-            writer.append(scores.float().cpu())
-            bar.update(len(batch))
-        bar.close()
+    try:
+        with FileLock(target):
+            if world > 1 and output.exists():  # an earlier data-parallel run already concatenated every sample
+                _check_resumable(output, metadata)
+                if verify(output) == len(questions):
+                    return output
+            _check_resumable(target, metadata)
+            done = verify(target) if target.exists() else 0
+            if done > len(mine):
+                raise ValueError(f"{target} already holds {done} samples, more than the {len(mine)} this run assigns "
+                                 f"to it")
+            todo = list(mine)[done:]
+            if todo:
+                if model is None:
+                    model = _load_model(args)
+                projs = find_down_projs(model)
+                if (projs[0].out_features, len(projs)) != (hidden, num_layers):
+                    raise ValueError(f"{args.model_path}: the model's down_proj layers do not match its config")
+            device = next(model.parameters()).device if model is not None else torch.device("cpu")
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+            with AttributionWriter(target, num_layers, hidden, dtype=args.dtype, metadata=metadata,
+                                   resume=True) as writer:
+                bar = tqdm(total=len(mine), initial=done, desc=f"KVA rank {rank}" if world > 1 else "KVA",
+                           unit="sample")
+                for start in range(0, len(todo), args.batch_size):
+                    batch = todo[start:start + args.batch_size]
+                    ids, mask = left_pad([prompts[i] for i in batch], pad_id)
+                    scores = kva.attribute(model, ids.to(device), mask.to(device), steps=args.steps,
+                                           method=args.method, semantics=args.semantics,
+                                           max_batch_rows=args.max_batch_rows)
+                    writer.append(scores.float().cpu())
+                    bar.update(len(batch))
+                bar.close()
+            verify(target, len(mine))
+        if world > 1:
+            import torch.distributed as dist
 
-    if world > 1:
-        import torch.distributed as dist
+            dist.barrier()
+            if rank == 0:
+                parts = [output.with_name(f"{output.stem}.part{r}-of-{world}{output.suffix}") for r in range(world)]
+                with FileLock(output):
+                    concat_attribution_files(parts, output, overwrite=True)
+                    verify(output, len(questions))
+                for part in parts:
+                    part.unlink()
+            dist.barrier()
+    finally:
+        if world > 1 and own_group:
+            import torch.distributed as dist
 
-        dist.barrier()
-        if rank == 0:
-            parts = [output.with_name(f"{output.stem}.part{r}-of-{world}{output.suffix}") for r in range(world)]
-            merge_attribution_files(parts, output, overwrite=True)
-            for part in parts:
-                part.unlink()
-        dist.barrier()
-        if own_group:
             dist.destroy_process_group()
     return output
+
+
+def _prompts(questions, shots_by_subject, shots: int, tokenizer, positions: Optional[int]) -> list[list[int]]:
+    """Every question's prompt ids; a prompt longer than the model's positions is an error naming it."""
+    prompts = []
+    for i, q in enumerate(questions):
+        ids = prompt_ids(tokenizer, q, shots_by_subject.get(q.subject, [])[:shots])
+        if positions is not None and len(ids) > positions:
+            with_shots = f" with its {shots}-shot examples" if shots else ""
+            raise ValueError(f"question {i} ({q.subject}) is {len(ids)} tokens long{with_shots}, more than the "
+                             f"model's {positions} positions (max_position_embeddings)")
+        prompts.append(ids)
+    return prompts
+
+
+def _load_model(args: AnalyseArgs):
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    dtype = "auto" if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype)
+    return AutoModelForCausalLM.from_pretrained(args.model_path, dtype=dtype).to(device).eval()

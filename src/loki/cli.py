@@ -1,8 +1,9 @@
 """The ``loki`` command: one subcommand per phase of the LoKI workflow.
 
 The original project's subcommands and flags are kept (``select-nodes``, ``create-model``,
-``restore-model``); ``analyse`` runs the KVA engine and ``demo`` the whole pipeline on a tiny model. A user mistake prints one line
-(``loki: error: ...``) and exits with status 2, never a traceback.
+``restore-model``); ``analyse`` runs the KVA engine and ``demo`` the whole pipeline on a tiny model. Every
+``--help`` shows the defaults. A user mistake prints one line (``loki <command>: error: ...``), exits with
+status 2, and leaves nothing behind: every input is checked before anything is written.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import logging
 import sys
 from pathlib import Path
 
-from .constants import DEFAULT_IG_STEPS, DEFAULT_STRATEGY
+from loki_kernels.kva import METHODS, SEMANTICS
+from loki_kernels.selection import STRATEGIES
+
+from .constants import DEFAULT_IG_METHOD, DEFAULT_IG_STEPS, DEFAULT_QUOTA, DEFAULT_STRATEGY
 
 logger = logging.getLogger("loki.cli")
 
-STRATEGIES = ("layer_balanced", "global_lowest", "global_highest")
 DTYPES = ("float32", "float16", "bfloat16", "auto")
-METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 
 
 class UserError(Exception):
@@ -37,31 +39,40 @@ def _existing(path: Path, what: str) -> Path:
     return path
 
 
+def quota_name(quota: float, strategy: str) -> str:
+    """The default position JSON name: ``{q}.json`` or ``{strategy}_{q}.json`` (``12.5.json`` for 12.5)."""
+    q = f"{quota:g}"
+    return f"{q}.json" if strategy == "layer_balanced" else f"{strategy}_{q}.json"
+
+
 # ------------------------------------------------------------------------------------------ commands
 def run_select_nodes(args: argparse.Namespace) -> int:
-    from loki_kernels.positions import save_positions
-    from loki_kernels.selection import select_positions
+    from loki_kernels.selection import select_target_pos
+    from loki_kernels.target_pos import save_target_pos
 
     if not 0 < args.quota <= 100:
-        raise UserError(f"--quota must be in (0, 100], got {args.quota}")
+        raise UserError(f"--quota must be in (0, 100], got {args.quota:g}")
     hdf5_path = _existing(args.hdf5_path, "HDF5 file")
     output_dir = args.output_dir or Path("kva_result/pos_json") / hdf5_path.parent.name
-    name = args.output_name or (
-        f"{int(args.quota)}.json" if args.strategy == "layer_balanced" else f"{args.strategy}_{int(args.quota)}.json"
-    )
-    positions = select_positions(hdf5_path, args.quota, args.strategy, progress=True)
-    output = output_dir / name
-    save_positions(positions, output)
-    total = sum(map(len, positions))
-    print(f"selected {total} rows across {len(positions)} layers ({args.strategy}, q={args.quota:g}%) -> {output}")
+    output = output_dir / (args.output_name or quota_name(args.quota, args.strategy))
+    target_pos = select_target_pos(hdf5_path, args.quota, args.strategy, progress=True)
+    save_target_pos(target_pos, output)
+    total = sum(map(len, target_pos))
+    print(f"selected {total} rows across {len(target_pos)} layers ({args.strategy}, q={args.quota:g}%) -> {output}")
     return 0
 
 
 def run_create_model(args: argparse.Namespace) -> int:
-    from .model_utils import create_loki_model, get_loki_classes
+    from .model_utils import create_loki_model, get_loki_classes, source_model_type
 
     _existing(args.target_pos_path, "target position file")
-    config_cls, model_cls = get_loki_classes(args.model_type or args.model_name, args.trust_remote_code)
+    config_cls, model_cls = None, None
+    if args.model_type:
+        config_cls, model_cls = get_loki_classes(args.model_type, args.trust_remote_code)
+        source = source_model_type(args.model_name, args.trust_remote_code)
+        if source != config_cls.base_model_type:
+            raise UserError(f"--model-type {args.model_type} disagrees with {args.model_name}'s config (model type "
+                            f"{source!r}); pass --model-type {source} or leave it out")
     create_loki_model(
         loki_model_class=model_cls,
         loki_config_cls=config_cls,
@@ -70,6 +81,7 @@ def run_create_model(args: argparse.Namespace) -> int:
         save_dir=args.save_dir,
         torch_dtype=_dtype(args.torch_dtype),
         trust_remote_code=args.trust_remote_code,
+        overwrite=args.overwrite,
     )
     print(f"LoKI model saved to {args.save_dir}")
     return 0
@@ -86,6 +98,7 @@ def run_restore_model(args: argparse.Namespace) -> int:
         model_name=args.model_name,
         output_path=args.output_path,
         torch_dtype=_dtype(args.torch_dtype),
+        overwrite=args.overwrite,
     )
     print(f"restored model saved to {args.output_path}")
     return 0
@@ -94,14 +107,14 @@ def run_restore_model(args: argparse.Namespace) -> int:
 def run_analyse(args: argparse.Namespace) -> int:
     from .analyse import AnalyseArgs, run_analysis
 
-    _existing(args.model_path, "model directory")
-    _existing(args.data, "data file")
-    output = run_analysis(AnalyseArgs(
+    analyse_args = AnalyseArgs(
         model_path=args.model_path, data=args.data, output=args.output_dir / args.result_file, dev_data=args.dev_data,
         shots=args.shots, max_samples_per_subset=args.max_samples_per_subset, steps=args.steps, method=args.method,
         semantics=args.semantics, batch_size=args.batch_size, dtype=args.dtype, torch_dtype=args.torch_dtype,
         max_batch_rows=args.max_batch_rows,
-    ))
+    )
+    analyse_args.check()  # before the model is loaded or a file is made
+    output = run_analysis(analyse_args)
     print(f"attributions written to {output}")
     return 0
 
@@ -115,69 +128,91 @@ def run_demo(args: argparse.Namespace) -> int:
         _existing(args.model, "model directory")
         _existing(args.data, "data file")
     if not 0 < args.quota <= 100:
-        raise UserError(f"--quota must be in (0, 100], got {args.quota}")
+        raise UserError(f"--quota must be in (0, 100], got {args.quota:g}")
+    if args.steps < 1:
+        raise UserError(f"--steps must be a positive integer, got {args.steps}")
     run_demo(DemoArgs(seed=args.seed, quota=args.quota, out_dir=args.out_dir, implant_steps=args.steps,
                       model=args.model, data=args.data))
     return 0
 
 
 # ------------------------------------------------------------------------------------------- parser
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default (``(default: ...)``), not only those with help text."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if action.default is not argparse.SUPPRESS and action.option_strings and action.nargs != 0:
+            if "%(default)" not in help_text:
+                help_text += " (default: %(default)s)"
+        return help_text
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="loki", description="LoKI: low-damage knowledge implanting, on loki_kernels")
-    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+    parser = argparse.ArgumentParser(prog="loki", description="LoKI: low-damage knowledge implanting, on loki_kernels",
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                        help="logging level")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("analyse", help="KVA attributions over MMLU-format questions, streamed to HDF5 (resumable)")
+    def command(name, help_text):
+        return sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
+
+    p = command("analyse", "KVA attributions over MMLU-format questions, streamed to HDF5 (resumable)")
     p.add_argument("--model-path", type=Path, required=True, help="local model directory")
     p.add_argument("--data", type=Path, required=True,
                    help="MMLU-format questions: .parquet/.json/.jsonl/.csv with question, choices, answer, subject")
-    p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument("--result-file", default="kva_mmlu.h5")
+    p.add_argument("--output-dir", type=Path, required=True, help="where the HDF5 file goes")
+    p.add_argument("--result-file", default="kva_mmlu.h5", help="name of the HDF5 file in --output-dir")
     p.add_argument("--dev-data", type=Path, default=None, help="few-shot examples (MMLU dev split), for --shots")
-    p.add_argument("--shots", type=int, default=0, help="0 (zero-shot) or e.g. 5")
-    p.add_argument("--max-samples-per-subset", type=int, default=None)
+    p.add_argument("--shots", type=int, default=0, help="few-shot examples per question: 0 (zero-shot) or e.g. 5")
+    p.add_argument("--max-samples-per-subset", type=int, default=None, help="the first N questions of each subject")
     p.add_argument("--steps", type=int, default=DEFAULT_IG_STEPS, help="integration steps")
-    p.add_argument("--method", default="riemann_left", choices=METHODS)
-    p.add_argument("--semantics", default="last_token", choices=("last_token", "captum"),
+    p.add_argument("--method", default=DEFAULT_IG_METHOD, choices=METHODS, help="quadrature rule (Captum's)")
+    p.add_argument("--semantics", default=SEMANTICS[0], choices=SEMANTICS,
                    help="last_token: the paper's estimator; captum: the later Captum-based script's")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="prompts per engine call")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="of the stored attributions")
     p.add_argument("--torch-dtype", default="auto", choices=DTYPES, help="of the model")
-    p.add_argument("--max-batch-rows", type=int, default=None, help="bound on (layer, step) rows per pass (memory)")
+    p.add_argument("--max-batch-rows", type=int, default=None,
+                   help="bound on (layer, step) rows per pass (memory); none: all on CPU, from free memory on CUDA")
     p.set_defaults(func=run_analyse)
 
-    p = sub.add_parser("select-nodes", help="pick trainable down_proj rows from a KVA attribution HDF5 file")
+    p = command("select-nodes", "pick trainable down_proj rows from a KVA attribution HDF5 file")
     p.add_argument("--hdf5-path", type=Path, required=True, help="attribution file (dataset 'dataset', [N, L, H])")
     p.add_argument("--quota", type=float, required=True, help="percentage of rows to train, in (0, 100]")
-    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES)
+    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES, help="selection rule")
     p.add_argument("--output-dir", type=Path, default=None,
-                   help="default: kva_result/pos_json/<name of the HDF5 file's directory>")
-    p.add_argument("--output-name", default=None, help="default: {quota}.json, or {strategy}_{quota}.json")
+                   help="none: kva_result/pos_json/<name of the HDF5 file's directory>")
+    p.add_argument("--output-name", default=None, help="none: {quota}.json, or {strategy}_{quota}.json")
     p.set_defaults(func=run_select_nodes)
 
-    p = sub.add_parser("create-model", help="write a LoKI model directory (loads with trust_remote_code=True)")
+    p = command("create-model", "write a LoKI model directory (loads with trust_remote_code=True)")
     p.add_argument("--model-name", required=True, help="pretrained model name or local path")
     p.add_argument("--target-pos-path", type=Path, required=True, help="position JSON: [[row, ...] per layer]")
-    p.add_argument("--save-dir", type=Path, required=True)
-    p.add_argument("--model-type", default=None, help="architecture (llama, qwen2, ...); inferred when omitted")
-    p.add_argument("--torch-dtype", default="auto", choices=DTYPES)
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--save-dir", type=Path, required=True, help="output directory (new or empty)")
+    p.add_argument("--model-type", default=None,
+                   help="architecture (llama, qwen2, qwen3, mistral); must match the model's config; none: inferred")
+    p.add_argument("--torch-dtype", default="auto", choices=DTYPES, help="of the saved weights")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the source model's own code")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-dir (or the source's)")
     p.set_defaults(func=run_create_model)
 
-    p = sub.add_parser("restore-model", help="merge a trained LoKI model back into a plain checkpoint")
+    p = command("restore-model", "merge a trained LoKI model back into a plain checkpoint")
     p.add_argument("--model-path", type=Path, required=True, help="trained LoKI model directory")
-    p.add_argument("--target-pos-path", type=Path, required=True)
-    p.add_argument("--output-path", type=Path, required=True)
+    p.add_argument("--target-pos-path", type=Path, required=True, help="the position JSON it was trained with")
+    p.add_argument("--output-path", type=Path, required=True, help="output directory (new or empty)")
     p.add_argument("--model-name", required=True, help="the base model the LoKI model was created from")
-    p.add_argument("--torch-dtype", default="auto", choices=DTYPES)
+    p.add_argument("--torch-dtype", default="auto", choices=DTYPES, help="of the restored weights")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-path")
     p.set_defaults(func=run_restore_model)
 
-    p = sub.add_parser("demo", help="the whole pipeline on a built-in tiny model (CPU, a few minutes)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quota", type=float, default=10.0, help="percentage of down_proj rows to train")
+    p = command("demo", "the whole pipeline on a built-in tiny model (CPU, a few minutes)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the world, the model and the training")
+    p.add_argument("--quota", type=float, default=DEFAULT_QUOTA, help="percentage of down_proj rows to train")
     p.add_argument("--steps", type=int, default=600, help="implant steps for every method")
     p.add_argument("--out-dir", type=Path, default=Path("loki_demo"), help="where the table, JSON and PNG go")
     p.add_argument("--model", type=Path, default=None, help="a local causal LM directory instead of the tiny model")
@@ -193,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (UserError, ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, PermissionError) as e:
-        print(f"loki {args.command}: error: {e}", file=sys.stderr)
+    except (UserError, ValueError, OSError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"loki {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"loki {args.command}: interrupted", file=sys.stderr)

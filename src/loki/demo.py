@@ -174,7 +174,7 @@ def train(model, batch: Batch, steps: int, lr: float, batch_size: int, desc: str
 
 
 # -------------------------------------------------------------------------------------------- phases
-def kva_scores(model, tokenizer, pairs, batch_size: int = 16, desc: str = "KVA") -> torch.Tensor:
+def kva_attributions(model, tokenizer, pairs, batch_size: int = 16, desc: str = "KVA") -> torch.Tensor:
     """[N, L, H] attributions of the model's own top next token on each probe prompt."""
     from loki_kernels import kva
 
@@ -209,20 +209,20 @@ def lora_model(model, rank: int = 8):
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0))
 
 
-def implant_all(model, tokenizer, world: World, positions, *, steps: int, lr: float, batch_size: int, seed: int,
+def implant_all(model, tokenizer, world: World, target_pos, *, steps: int, lr: float, batch_size: int, seed: int,
                 quota: float) -> list[Result]:
     old_batches = {t.name: encode(tokenizer, t.pairs) for t in world.old}
     new_batch = encode(tokenizer, world.new.pairs)
     before = {name: accuracy(model, b) for name, b in old_batches.items()}
     gen = torch.Generator().manual_seed(seed)
-    hidden = loki_kernels.find_down_projs(model)[0].module.out_features
-    random_rows = [torch.randperm(hidden, generator=gen)[: len(rows)].tolist() for rows in positions]
+    hidden = loki_kernels.find_down_projs(model)[0].out_features
+    random_rows = [torch.randperm(hidden, generator=gen)[: len(rows)].tolist() for rows in target_pos]
 
     def patched(rows):
         return lambda m: loki_kernels.patch_model(m, rows)
 
     methods = [
-        (f"LoKI q={quota:g}% (KVA rows)", patched(positions)),
+        (f"LoKI q={quota:g}% (KVA rows)", patched(target_pos)),
         (f"random rows q={quota:g}%", patched(random_rows)),
         ("full fine-tuning", lambda m: m),
         ("LoRA r=8 (all linear)", lora_model),
@@ -338,16 +338,13 @@ def run_demo(args: DemoArgs) -> list[Result]:
         print("[1/4] tiny model trained: " + ", ".join(f"{k} {v:.1f}%" for k, v in accs.items()))
 
     probes = [p for t in world.old for p in t.pairs]
-    scores = kva_scores(model, tokenizer, probes, desc="[2/4] KVA on knowledge probes")
-    from loki_kernels.positions import save_positions
-    from loki_kernels.selection import select_positions
-
-    positions = select_positions(scores, args.quota, "layer_balanced")
-    print(f"[2/4] KVA on {len(probes)} probes -> layer-balanced selection: {len(positions[0])} rows per layer")
-    save_positions(positions, out / f"{int(args.quota)}.json")
+    attributions = kva_attributions(model, tokenizer, probes, desc="[2/4] KVA on knowledge probes")
+    target_pos = loki_kernels.select_target_pos(attributions, args.quota, "layer_balanced")
+    print(f"[2/4] KVA on {len(probes)} probes -> layer-balanced selection: {len(target_pos[0])} rows per layer")
+    loki_kernels.save_target_pos(target_pos, out / f"{args.quota:g}.json")
 
     print(f"[3/4] implanting {len(world.new.pairs)} new examples, {args.implant_steps} steps each method")
-    results = implant_all(model, tokenizer, world, positions, steps=args.implant_steps, lr=args.lr,
+    results = implant_all(model, tokenizer, world, target_pos, steps=args.implant_steps, lr=args.lr,
                           batch_size=args.batch_size, seed=args.seed, quota=args.quota)
     table = format_table(results)
     print("[4/4] results\n" + table)

@@ -1,70 +1,91 @@
 """Create, restore and ablate LoKI models: the original project's functions, fixed.
 
 Differences from the original (github.com/Nexround/LoKI):
+
 * ``create_loki_model`` saves the real pretrained weights and a config whose ``auto_map`` points at
-  ``modeling_loki.py`` (copied into the directory), so ``AutoModelForCausalLM.from_pretrained(dir,
-  trust_remote_code=True)`` builds a model whose only trainable parameters are the selected rows.
-  (The latest original saved randomly initialised ``down_proj`` weights and a headless model.)
+  ``modeling_loki.py`` (copied into the directory) and whose ``model_type`` is ``loki_<type>``, so
+  ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` builds a model whose only trainable
+  parameters are the selected rows, and loading it without ``trust_remote_code=True`` fails instead of
+  giving a plain, fully trainable model. (The latest original saved randomly initialised ``down_proj``
+  weights and a headless model.) A ``loki_model_class`` that does not match the checkpoint's architecture
+  is refused (the original built, e.g., a Llama from a Qwen2 checkpoint).
 * ``restore_loki_model`` reads trained checkpoints in our format (standard keys) and in the original split
   format, and works for causal LMs (the latest original failed with ``AttributeError``). Only the selected
   rows are taken from the trained checkpoint; everything else comes from the base model, as in the original.
+  It refuses, before writing anything, a position JSON that is not the one the model was trained with
+  (``config.target_pos``, or rows outside it that differ from the base), and a checkpoint whose shapes do
+  not fit the base model.
 * ``set_zero_weights`` reads the list-of-lists position JSON (the original called ``.get`` on it).
-* Nothing is written until the inputs are validated, and output directories are written atomically.
+* Nothing is written until every input is checked. Output directories are written to a temporary sibling
+  and moved into place at the end; an existing non-empty directory, or the source model's own directory, is
+  refused unless ``overwrite=True``, which replaces it whole. Temporary directories are removed on every
+  error, and ones left by a killed run are removed by the next run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import loki_kernels
-from loki_kernels.modules import is_transposed, row_view
-from loki_kernels.positions import normalize_positions
+from loki_kernels.arch import find_down_projs, is_transposed, model_dims
+from loki_kernels.target_pos import check_target_pos
 
 from . import modeling_loki
-from .modeling_loki import LOKI_CLASSES, _safetensors_files
+from .modeling_loki import LOKI_CLASSES, LOKI_PREFIX, safetensors_files
+
+__all__ = ["create_loki_model", "restore_loki_model", "set_zero_weights", "get_loki_classes", "source_model_type",
+           "load_config", "OutputDir"]
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
-_MODEL_TYPE_ALIASES = {"qwen": "qwen2", "qwen2.5": "qwen2", "llama3": "llama"}
+MODEL_TYPE_ALIASES = {"qwen": "qwen2", "qwen2.5": "qwen2", "llama3": "llama"}
 
 
+# ---------------------------------------------------------------------------------------- model classes
 def get_loki_classes(model_identifier: str, trust_remote_code: bool = False):
-    """(config class, model class) for a model type ("llama", "qwen2", ...) or a model name/path."""
-    key = _MODEL_TYPE_ALIASES.get(model_identifier.lower(), model_identifier.lower())
+    """(config class, model class) for a model type (``"llama"``, ``"qwen2"``, ...) or a model name/path."""
+    key = _model_type_key(model_identifier)
     if key not in LOKI_CLASSES:
-        try:
-            config = AutoConfig.from_pretrained(model_identifier, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot tell the architecture of {model_identifier!r}: {e}") from None
-        key = config.model_type
+        key = source_model_type(model_identifier, trust_remote_code)
     if key not in LOKI_CLASSES:
         raise ValueError(f"no LoKI model class for model type {key!r}; supported: {', '.join(LOKI_CLASSES)}")
     return LOKI_CLASSES[key]
 
 
-def get_loki_model_class(model_identifier: str):
-    return get_loki_classes(model_identifier)[1]
+def source_model_type(model_name: PathLike, trust_remote_code: bool = False) -> str:
+    """The architecture of a checkpoint: its config's ``model_type``, without the ``loki_`` of a LoKI directory."""
+    return _model_type_key(load_config(model_name, trust_remote_code).model_type)
 
 
-def get_loki_config_class(model_identifier: str):
-    return get_loki_classes(model_identifier)[0]
+def _model_type_key(name: str) -> str:
+    key = str(name).lower()
+    key = key[len(LOKI_PREFIX):] if key.startswith(LOKI_PREFIX) else key
+    return MODEL_TYPE_ALIASES.get(key, key)
 
 
-def _positions_for(target_pos_path: PathLike, model_name: PathLike, trust_remote_code: bool = False) -> list[list[int]]:
-    """Read and validate a position JSON against the model's config, before any weights are loaded."""
-    config = AutoConfig.from_pretrained(model_name, trust_remote_code=trust_remote_code)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+def load_config(model_name: PathLike, trust_remote_code: bool = False):
+    """The model's config; a missing or unreadable model is a one-line ``ValueError`` naming it."""
     try:
-        return normalize_positions(target_pos_path, config.num_hidden_layers, config.hidden_size)
+        return AutoConfig.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot load the model config of {os.fspath(model_name)!r}: {reason}") from None
+
+
+def _target_pos_for(target_pos_path: PathLike, config) -> list[list[int]]:
+    """Read and check a position JSON against a model config, before any weights are loaded."""
+    hidden, num_layers = model_dims(config)
+    try:
+        return check_target_pos(target_pos_path, num_layers, hidden)
     except ValueError as e:
         raise ValueError(f"{os.fspath(target_pos_path)}: {e}") from None
 
@@ -78,33 +99,86 @@ def _save_tokenizer(model_name: PathLike, out_dir: PathLike, trust_remote_code: 
     tokenizer.save_pretrained(out_dir)
 
 
-class _AtomicDir:
-    """Write into a temporary sibling directory; move its files into place only on success."""
-
-    def __init__(self, target: PathLike):
-        self.target = Path(target)
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", dir=self.target.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.target.mkdir(exist_ok=True)
-            for item in self.tmp.iterdir():
-                dest = self.target / item.name
-                if dest.is_dir():
-                    shutil.rmtree(dest)
-                os.replace(item, dest)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        return False
-
-
 def _load_base(model_name: PathLike, torch_dtype, trust_remote_code: bool = False):
     return AutoModelForCausalLM.from_pretrained(model_name, dtype=torch_dtype, trust_remote_code=trust_remote_code)
 
 
+# ----------------------------------------------------------------------------------------- output dirs
+class OutputDir:
+    """An output directory written whole or not at all.
+
+    :meth:`check` (call it before any heavy work) refuses an existing file, a non-empty directory or one of
+    ``sources`` unless ``overwrite``. Inside ``with``, files are written to a temporary sibling directory
+    (``.<name>.loki-tmp-<pid>-<random>``), which is moved into place on success (replacing the old
+    directory whole) and removed on any error or interruption. Temporary directories of earlier runs whose
+    process is gone are removed when a new one is made.
+    """
+
+    def __init__(self, target: PathLike, *, overwrite: bool = False, sources: tuple = ()):
+        self.target = Path(target)
+        self.overwrite = overwrite
+        self.sources = [Path(s) for s in sources if s is not None]
+
+    def check(self) -> None:
+        target = self.target
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"output {target} exists and is not a directory")
+        for source in self.sources:
+            if source.exists() and target.exists() and source.resolve() == target.resolve() and not self.overwrite:
+                raise ValueError(f"output {target} is the source model's directory; choose another one, or pass "
+                                 f"--overwrite (overwrite=True) to replace it")
+        if target.is_dir() and any(target.iterdir()) and not self.overwrite:
+            raise ValueError(f"output {target} already exists and is not empty; choose another one, or pass "
+                             f"--overwrite (overwrite=True) to replace it")
+
+    def __enter__(self) -> Path:
+        self.check()
+        parent = self.target.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(parent, self.target.name)
+        self.tmp = parent / f".{self.target.name}.loki-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                old = None
+                if self.target.exists():
+                    old = self.target.parent / f".{self.target.name}.loki-old-{os.getpid()}-{secrets.token_hex(4)}"
+                    os.replace(self.target, old)
+                os.replace(self.tmp, self.target)
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
+
+
+def _remove_stale(parent: Path, name: str) -> None:
+    for kind in ("tmp", "old"):
+        for path in parent.glob(f".{name}.loki-{kind}-*"):
+            try:
+                pid = int(path.name.split(f".loki-{kind}-", 1)[1].split("-")[0])
+            except ValueError:
+                continue
+            if not _alive(pid):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but not ours
+        return True
+    return True
+
+
+# --------------------------------------------------------------------------------------------- create
 def create_loki_model(
     loki_model_class=None,
     loki_config_cls=None,
@@ -113,6 +187,7 @@ def create_loki_model(
     save_dir: PathLike = "./loki_model",
     torch_dtype: Union[torch.dtype, str] = torch.bfloat16,
     trust_remote_code: bool = False,
+    overwrite: bool = False,
 ) -> None:
     """Write a LoKI model directory: the pretrained weights plus a config carrying ``target_pos``.
 
@@ -120,54 +195,137 @@ def create_loki_model(
     ``down_proj`` layers use loki_kernels' split matmul and whose only trainable parameters are the
     selected rows, which is what LlamaFactory's ``finetuning_type: full`` expects.
     """
-    if loki_model_class is None or loki_config_cls is None:
-        config_cls, model_cls = get_loki_classes(os.fspath(model_name), trust_remote_code)
-        loki_config_cls = loki_config_cls or config_cls
-        loki_model_class = loki_model_class or model_cls
-    positions = _positions_for(target_pos_path, model_name, trust_remote_code)
-    model = _load_base(model_name, torch_dtype, trust_remote_code)
+    config = load_config(model_name, trust_remote_code)
+    source_type = _model_type_key(config.model_type)
+    if source_type not in LOKI_CLASSES:
+        raise ValueError(f"{os.fspath(model_name)} is a {config.model_type!r} model; LoKI model classes exist for "
+                         f"{', '.join(LOKI_CLASSES)}")
+    default_config, default_model = LOKI_CLASSES[source_type]
+    loki_config_cls = loki_config_cls or getattr(loki_model_class, "config_class", None) or default_config
+    loki_model_class = loki_model_class or default_model
+    for cls in (loki_config_cls, getattr(loki_model_class, "config_class", None)):
+        wanted = getattr(cls, "base_model_type", None)
+        if wanted is not None and wanted != source_type:
+            raise ValueError(f"model type {wanted!r} ({cls.__name__}) disagrees with {os.fspath(model_name)}'s config "
+                             f"(model_type {config.model_type!r}); use the {source_type!r} classes")
+    target_pos = _target_pos_for(target_pos_path, config)
+    output = OutputDir(save_dir, overwrite=overwrite, sources=(model_name,))
+    output.check()
 
-    config = loki_config_cls.from_pretrained(model_name, target_pos=positions, trust_remote_code=trust_remote_code)
+    model = _load_base(model_name, torch_dtype, trust_remote_code)
+    loki_config = loki_config_cls.from_base(model.config, target_pos)
     module = Path(modeling_loki.__file__).stem
-    config.auto_map = {
+    loki_config.auto_map = {
         "AutoConfig": f"{module}.{loki_config_cls.__name__}",
         "AutoModelForCausalLM": f"{module}.{loki_model_class.__name__}",
     }
-    config.architectures = [loki_model_class.__name__]
-    with _AtomicDir(save_dir) as tmp:
+    loki_config.architectures = [loki_model_class.__name__]
+    with output as tmp:
         model.save_pretrained(tmp)
-        config.save_pretrained(tmp)  # replaces the plain config.json
+        loki_config.save_pretrained(tmp)  # replaces the plain config.json
         shutil.copy(modeling_loki.__file__, tmp / f"{module}.py")
         _save_tokenizer(model_name, tmp, trust_remote_code)
-    logger.info("LoKI model with %d trainable rows saved to %s", sum(map(len, positions)), save_dir)
+    logger.info("LoKI model with %d trainable rows saved to %s", sum(map(len, target_pos)), save_dir)
 
 
-def _read_rows(tensors: dict, proj, rows: list[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The trained rows of one down projection, from our format or the original split format."""
-    for prefix in (proj.name, proj.name.partition(".")[2]):
-        if f"{prefix}.active.weight" in tensors:  # original split format: rows in sorted order
-            bias = tensors.get(f"{prefix}.active_bias")
-            return tensors[f"{prefix}.active.weight"], bias
-        if f"{prefix}.weight" in tensors:
-            weight = tensors[f"{prefix}.weight"]
-            if weight.shape != proj.module.weight.shape:
-                raise ValueError(f"{proj.name}.weight has shape {tuple(weight.shape)}, expected {tuple(proj.module.weight.shape)}")
-            full = weight.t() if is_transposed(proj.module) else weight
-            bias = tensors.get(f"{prefix}.bias")
-            return full[rows], (bias[rows] if bias is not None else None)
-    raise ValueError(f"layer {proj.layer}: no {proj.name}.weight or {proj.name}.active.weight in the trained checkpoint")
+# -------------------------------------------------------------------------------------------- restore
+class _TrainedCheckpoint:
+    """The down_proj tensors of a trained checkpoint, read lazily (header first, tensors on demand)."""
+
+    def __init__(self, path: PathLike):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        files = safetensors_files(os.fspath(path))
+        if not files:
+            raise ValueError(f"{os.fspath(path)}: no model.safetensors or model-*-of-*.safetensors found")
+        self.where: dict[str, str] = {}
+        self.shapes: dict[str, tuple] = {}
+        for file in files:
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for key in f.keys():
+                        self.where[key] = file
+                        self.shapes[key] = tuple(f.get_slice(key).get_shape())
+            except Exception as e:  # safetensors raises its own error types for damaged files
+                raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+        config_file = self.path / "config.json"
+        try:
+            self.config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+
+    def tensor(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.where[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+    def prefix(self, proj) -> tuple[str, str]:
+        """``(key prefix, "split" | "standard")`` of one down projection (with or without the base prefix)."""
+        for prefix in (proj.name, proj.name.partition(".")[2]):
+            if f"{prefix}.active.weight" in self.shapes:
+                return prefix, "split"
+            if f"{prefix}.weight" in self.shapes:
+                return prefix, "standard"
+        raise ValueError(f"layer {proj.layer}: the trained checkpoint {self.path} has no {proj.name}.weight "
+                         f"(nor the split format's {proj.name}.active.weight)")
 
 
-def _read_checkpoint(model_path: PathLike) -> dict:
-    from safetensors.torch import load_file
+def _check_trained(trained: _TrainedCheckpoint, projs, target_pos, json_path, base_name) -> list:
+    """Everything about the trained checkpoint that can be checked without loading weights; its layers' formats."""
+    name = os.fspath(json_path)
+    hidden, num_layers = projs[0].out_features, len(projs)
+    t_hidden = trained.config.get("hidden_size", trained.config.get("n_embd"))
+    t_layers = trained.config.get("num_hidden_layers", trained.config.get("n_layer"))
+    if (t_hidden, t_layers) != (None, None) and (t_hidden, t_layers) != (hidden, num_layers):
+        raise ValueError(f"the trained model {trained.path} has hidden size {t_hidden} and {t_layers} layers, "
+                         f"the base model {os.fspath(base_name)} {hidden} and {num_layers}: not its base")
+    stored = trained.config.get("target_pos")
+    if stored is not None:
+        try:
+            stored = check_target_pos(stored, num_layers, hidden)
+        except ValueError as e:
+            raise ValueError(f"{trained.path}/config.json: {e}") from None
+        for layer, (ours, theirs) in enumerate(zip(target_pos, stored)):
+            if ours != theirs:
+                only = sorted(set(theirs) - set(ours)) or sorted(set(ours) - set(theirs))
+                raise ValueError(f"{name} is not the target_pos the model in {trained.path} was trained with: layer "
+                                 f"{layer} lists {len(ours)} rows, the model's config.target_pos {len(theirs)} "
+                                 f"(they differ in row {only[0]})")
+    formats = []
+    for proj, rows in zip(projs, target_pos):
+        if not rows:
+            formats.append(None)
+            continue
+        prefix, kind = trained.prefix(proj)
+        out_features, in_features = proj.out_features, proj.in_features
+        if kind == "split":
+            expected = {"active.weight": (len(rows), in_features), "frozen.weight": (out_features - len(rows), in_features)}
+            for part, shape in expected.items():
+                got = trained.shapes.get(f"{prefix}.{part}")
+                if got != shape:
+                    raise ValueError(
+                        f"layer {proj.layer}: {prefix}.{part} has shape {list(got) if got else None}, but {name} lists "
+                        f"{len(rows)} rows of a base down_proj of {out_features} x {in_features}, so it should be "
+                        f"{list(shape)}")
+        else:
+            got = trained.shapes[f"{prefix}.weight"]
+            if got != tuple(proj.module.weight.shape):
+                raise ValueError(f"layer {proj.layer}: {prefix}.weight has shape {list(got)}, the base model's "
+                                 f"{list(proj.module.weight.shape)}")
+        formats.append((prefix, kind))
+    return formats
 
-    files = _safetensors_files(os.fspath(model_path))
-    if not files:
-        raise ValueError(f"{os.fspath(model_path)}: no model.safetensors or model-*-of-*.safetensors found")
-    tensors = {}
-    for file in files:
-        tensors.update(load_file(file))
-    return tensors
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per row: equal, up to one rounding to the coarser of the two dtypes."""
+    if a.dtype == b.dtype:
+        return (a == b).all(dim=-1)
+    coarse = a.dtype if a.element_size() < b.element_size() else b.dtype
+    eps = torch.finfo(coarse).eps if coarse.is_floating_point else 0.0
+    a, b = a.double(), b.double()
+    return ((a - b).abs() <= eps * b.abs()).all(dim=-1)
 
 
 @torch.no_grad()
@@ -177,22 +335,60 @@ def restore_loki_model(
     model_name: PathLike,
     output_path: PathLike,
     torch_dtype: Union[torch.dtype, str] = torch.bfloat16,
+    overwrite: bool = False,
 ) -> None:
-    """Write a plain checkpoint: the base model with the selected ``down_proj`` rows taken from ``model_path``."""
-    positions = _positions_for(target_pos_path, model_name)
-    tensors = _read_checkpoint(model_path)
+    """Write a plain checkpoint: the base model with the selected ``down_proj`` rows taken from ``model_path``.
+
+    Checked before anything is written: the JSON fits the base model; the trained model's config (if it has
+    ``target_pos``) lists the same rows; its ``down_proj`` tensors have the base model's shapes (split format:
+    ``active`` holds as many rows as the JSON lists); and no row outside the JSON differs from the base model
+    (else the JSON is not the one the model was trained with, and those trained rows would be lost).
+    """
+    config = load_config(model_name)
+    target_pos = _target_pos_for(target_pos_path, config)
+    trained = _TrainedCheckpoint(model_path)
+    output = OutputDir(output_path, overwrite=overwrite, sources=(model_name, model_path))
+    output.check()
     base = _load_base(model_name, torch_dtype)
-    for proj, rows in zip(loki_kernels.find_down_projs(base), positions):
-        if not rows:
+    projs = find_down_projs(base)
+    formats = _check_trained(trained, projs, target_pos, target_pos_path, model_name)
+
+    updates = []
+    for proj, rows, fmt in zip(projs, target_pos, formats):
+        if fmt is None:
             continue
-        weight_rows, bias_rows = _read_rows(tensors, proj, rows)
-        full = row_view(proj.module)
-        full[rows] = weight_rows.to(full)
-        if bias_rows is not None and proj.module.bias is not None:
-            proj.module.bias[rows] = bias_rows.to(full)
+        prefix, kind = fmt
+        full = proj.rows()
+        is_active = torch.zeros(full.shape[0], dtype=torch.bool)
+        is_active[rows] = True
+        if kind == "split":
+            active_rows, frozen_rows = trained.tensor(f"{prefix}.active.weight"), trained.tensor(f"{prefix}.frozen.weight")
+            bias_key = f"{prefix}.active_bias"
+        else:
+            weight = trained.tensor(f"{prefix}.weight")
+            weight = weight.t() if is_transposed(proj.module) else weight  # Conv1D stores [in, out]
+            active_rows, frozen_rows = weight[is_active], weight[~is_active]
+            bias_key = f"{prefix}.bias"
+        changed = (~_same(frozen_rows, full[~is_active.to(full.device)].cpu())).nonzero().flatten()
+        if changed.numel():
+            outside = (~is_active).nonzero().flatten()[changed].tolist()
+            raise ValueError(f"layer {proj.layer}: rows {outside[:5]}{' ...' if len(outside) > 5 else ''} of the "
+                             f"trained model differ from the base model but are not in {os.fspath(target_pos_path)}: "
+                             f"it was trained with other target_pos, and restoring would lose those rows")
+        bias = None
+        if proj.module.bias is not None and bias_key in trained.shapes:
+            bias = trained.tensor(bias_key)
+            bias = bias if kind == "split" else bias[is_active]
+        updates.append((proj, rows, active_rows, bias))
+
+    for proj, rows, active_rows, bias in updates:
+        full = proj.rows()
+        full[rows] = active_rows.to(full)
+        if bias is not None:
+            proj.module.bias[rows] = bias.to(full)
     if getattr(base.config, "target_pos", None) is not None:
         del base.config.target_pos
-    with _AtomicDir(output_path) as tmp:
+    with output as tmp:
         base.save_pretrained(tmp)
         _save_tokenizer(model_name, tmp)
     logger.info("restored model saved to %s", output_path)
@@ -204,12 +400,17 @@ def set_zero_weights(
     output_path: PathLike,
     model_name: PathLike,
     torch_dtype: Union[torch.dtype, str] = torch.bfloat16,
+    overwrite: bool = False,
 ) -> None:
     """Save a copy of the model with the listed ``down_proj`` rows zeroed (the suppression ablation)."""
-    positions = _positions_for(target_pos_path, model_name)
+    config = load_config(model_name)
+    target_pos = _target_pos_for(target_pos_path, config)
+    output = OutputDir(output_path, overwrite=overwrite, sources=(model_name,))
+    output.check()
     model = _load_base(model_name, torch_dtype)
-    for proj, rows in zip(loki_kernels.find_down_projs(model), positions):
-        row_view(proj.module)[rows] = 0
-    with _AtomicDir(output_path) as tmp:
+    for proj, rows in zip(find_down_projs(model), target_pos):
+        proj.rows()[rows] = 0
+    with output as tmp:
         model.save_pretrained(tmp)
         _save_tokenizer(model_name, tmp)
+

@@ -4,10 +4,14 @@
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` builds one of these classes. It
 therefore imports only installed packages (no relative imports).
 
-Loading works like the original first-commit classes: the standard pretrained weights load, then every
-``down_proj`` listed in ``config.target_pos`` is patched so that only those rows train and every other
-parameter is frozen. Unlike the original, a saved LoKI model keeps standard keys (``down_proj.weight``
-holds the merged, trained weight), and checkpoints in the original split format
+Every class is made from one registry, :data:`BASES` (model type -> transformers config and causal LM
+classes): ``LoKI<Name>Config`` adds ``target_pos`` and has its own ``model_type`` (``"loki_<type>"``), so a
+LoKI directory loaded without ``trust_remote_code=True`` fails loudly instead of becoming a plain, fully
+trainable model; ``LoKI<Name>ForCausalLM`` loads the standard weights, then patches every ``down_proj`` listed
+in ``config.target_pos`` so that only those rows train and every other parameter is frozen.
+
+Unlike the original, a saved LoKI model keeps standard keys (``down_proj.weight`` holds the trained weight),
+and its layers are ``loki_kernels.SplitLinear`` modules; checkpoints in the original split format
 (``down_proj.active.weight`` / ``frozen.weight`` / ``index_map``) load too.
 """
 
@@ -15,47 +19,23 @@ import glob
 import os
 
 import torch
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+import transformers
 
 import loki_kernels
-import loki_kernels.modules
+from loki_kernels.arch import find_down_projs
+
+# model type -> (name in the class names, transformers config class, transformers causal LM class)
+BASES = {
+    "llama": ("Llama", "LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
+    "mistral": ("Mistral", "MistralConfig", "MistralForCausalLM"),
+}
+LOKI_PREFIX = "loki_"
 
 
-def _init_config(self, parent, target_pos, kwargs):
-    self.target_pos = target_pos
-    parent.__init__(self, **kwargs)
-
-
-class LoKILlamaConfig(LlamaConfig):
-    def __init__(self, target_pos=None, **kwargs):
-        _init_config(self, LlamaConfig, target_pos, kwargs)
-
-
-class LoKIQwen2Config(Qwen2Config):
-    def __init__(self, target_pos=None, **kwargs):
-        _init_config(self, Qwen2Config, target_pos, kwargs)
-
-
-class LoKIQwen3Config(Qwen3Config):
-    def __init__(self, target_pos=None, **kwargs):
-        _init_config(self, Qwen3Config, target_pos, kwargs)
-
-
-class LoKIMistralConfig(MistralConfig):
-    def __init__(self, target_pos=None, **kwargs):
-        _init_config(self, MistralConfig, target_pos, kwargs)
-
-
-def _safetensors_files(path):
+def safetensors_files(path):
+    """The checkpoint's ``model.safetensors`` or its ``model-*-of-*.safetensors`` shards, or [] (not a directory)."""
     if not os.path.isdir(path):
         return []
     single = os.path.join(path, "model.safetensors")
@@ -63,23 +43,23 @@ def _safetensors_files(path):
 
 
 @torch.no_grad()
-def load_split_checkpoint(model, path) -> int:
-    """Merge original-format split weights (``active.weight``/``frozen.weight``) found under ``path``.
+def load_split_format(model, path) -> int:
+    """Write original split-format rows (``active.weight``/``frozen.weight``) found under ``path`` into the model.
 
-    Returns the number of layers merged (0 when ``path`` holds a standard checkpoint).
+    Returns the number of layers read (0 when ``path`` holds a standard checkpoint).
     """
     from safetensors import safe_open
 
-    projs = loki_kernels.find_down_projs(model)
-    merged = 0
-    for file in _safetensors_files(path):
+    projs = find_down_projs(model)
+    loaded = 0
+    for file in safetensors_files(path):
         with safe_open(file, framework="pt") as f:
             keys = set(f.keys())
             for proj in projs:
                 prefix = next((p for p in (proj.name, proj.name.partition(".")[2]) if f"{p}.active.weight" in keys), None)
                 if prefix is None:
                     continue
-                weight = loki_kernels.modules.row_view(proj.module)
+                weight = proj.rows()
                 active = f.get_tensor(f"{prefix}.active.weight")
                 frozen = f.get_tensor(f"{prefix}.frozen.weight")
                 if f"{prefix}.index_map" in keys:
@@ -93,8 +73,26 @@ def load_split_checkpoint(model, path) -> int:
                 if proj.module.bias is not None and f"{prefix}.active_bias" in keys:
                     proj.module.bias[is_active] = f.get_tensor(f"{prefix}.active_bias").to(weight)
                     proj.module.bias[~is_active] = f.get_tensor(f"{prefix}.frozen_bias").to(weight)
-                merged += 1
-    return merged
+                loaded += 1
+    return loaded
+
+
+class LoKIConfigMixin:
+    """Adds ``target_pos`` (one list of row indices per decoder layer) to a transformers config."""
+
+    base_model_type = None  # set per class: the transformers model type it extends
+
+    def __init__(self, target_pos=None, **kwargs):
+        self.target_pos = target_pos
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_base(cls, base_config, target_pos):
+        """This LoKI config for a plain ``base_config`` of the same architecture."""
+        fields = base_config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "transformers_version", "target_pos"):
+            fields.pop(key, None)
+        return cls(target_pos=target_pos, **fields)
 
 
 class LoKIModelMixin:
@@ -108,7 +106,7 @@ class LoKIModelMixin:
         if getattr(config, "target_pos", None) is None:
             raise ValueError(f"{cls.__name__}: the config has no target_pos (one list of rows per layer)")
         model = super().from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
-        load_split_checkpoint(model, str(pretrained_model_name_or_path))
+        load_split_format(model, str(pretrained_model_name_or_path))
         model.apply_loki_linear()
         return model
 
@@ -118,26 +116,28 @@ class LoKIModelMixin:
         return self
 
 
-class LoKILlamaForCausalLM(LoKIModelMixin, LlamaForCausalLM):
-    config_class = LoKILlamaConfig
+def _make_classes(model_type, name, config_base, model_base):
+    config_cls = type(f"LoKI{name}Config", (LoKIConfigMixin, getattr(transformers, config_base)), {
+        "__module__": __name__,
+        "model_type": LOKI_PREFIX + model_type,
+        "base_model_type": model_type,
+        # In the class's own dict: transformers >= 5 turns config classes without one into dataclasses.
+        "__init__": LoKIConfigMixin.__init__,
+        "__doc__": f"``{config_base}`` plus ``target_pos``; model type ``{LOKI_PREFIX + model_type}``.",
+    })
+    model_cls = type(f"LoKI{name}ForCausalLM", (LoKIModelMixin, getattr(transformers, model_base)), {
+        "__module__": __name__,
+        "config_class": config_cls,
+        "__doc__": f"``{model_base}`` whose ``down_proj`` rows in ``config.target_pos`` train, nothing else.",
+    })
+    return config_cls, model_cls
 
 
-class LoKIQwen2ForCausalLM(LoKIModelMixin, Qwen2ForCausalLM):
-    config_class = LoKIQwen2Config
+# model type -> (LoKI config class, LoKI model class)
+LOKI_CLASSES = {model_type: _make_classes(model_type, *names) for model_type, names in BASES.items()}
 
-
-class LoKIQwen3ForCausalLM(LoKIModelMixin, Qwen3ForCausalLM):
-    config_class = LoKIQwen3Config
-
-
-class LoKIMistralForCausalLM(LoKIModelMixin, MistralForCausalLM):
-    config_class = LoKIMistralConfig
-
-
-# model_type -> (config class, model class)
-LOKI_CLASSES = {
-    "llama": (LoKILlamaConfig, LoKILlamaForCausalLM),
-    "qwen2": (LoKIQwen2Config, LoKIQwen2ForCausalLM),
-    "qwen3": (LoKIQwen3Config, LoKIQwen3ForCausalLM),
-    "mistral": (LoKIMistralConfig, LoKIMistralForCausalLM),
-}
+# The classes by name (config.json's auto_map and ``from loki import ...`` refer to them so).
+LoKILlamaConfig, LoKILlamaForCausalLM = LOKI_CLASSES["llama"]
+LoKIQwen2Config, LoKIQwen2ForCausalLM = LOKI_CLASSES["qwen2"]
+LoKIQwen3Config, LoKIQwen3ForCausalLM = LOKI_CLASSES["qwen3"]
+LoKIMistralConfig, LoKIMistralForCausalLM = LOKI_CLASSES["mistral"]

@@ -1,7 +1,9 @@
 """The original ``loki.selection`` API, on ``loki_kernels.selection`` and ``loki_kernels.formats``.
 
 Same names and signatures as github.com/Nexround/LoKI; the semantics and the documented tie-breaking are
-those of :mod:`loki_kernels.selection` (stable sorts, exact quotas, errors on NaN/inf).
+those of :mod:`loki_kernels.selection` (stable sorts, exact quotas, errors on NaN/inf). As in the original, a
+quota too small to give any layer a row returns empty lists here (``loki_kernels.select_target_pos`` and
+``loki select-nodes`` refuse it).
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from typing import Union
 
 import numpy as np
 
-from loki_kernels.formats import merge_attribution_files, read_attributions
-from loki_kernels.positions import save_positions
-from loki_kernels.selection import select_positions
+from loki_kernels.formats import concat_attribution_files, read_attributions
+from loki_kernels.selection import target_pos_from_counts, vote_counts
+from loki_kernels.target_pos import save_target_pos
 
 PathLike = Union[str, os.PathLike]
 
@@ -28,19 +30,23 @@ __all__ = [
 ]
 
 
+def _select(attribution_scores, quota: float, strategy: str) -> list[list[int]]:
+    return target_pos_from_counts(vote_counts(attribution_scores, quota, strategy), quota, strategy)
+
+
 def select_trainable_nodes_layer_balanced(attribution_scores, quota: float) -> list[list[int]]:
     """Per layer, the ``floor(H·q/100)`` rows most often among each sample's lowest-attributed."""
-    return select_positions(attribution_scores, quota, "layer_balanced")
+    return _select(attribution_scores, quota, "layer_balanced")
 
 
 def select_trainable_nodes_global_lowest(attribution_scores, quota: float) -> list[list[int]]:
     """The ``floor(L·H·q/100)`` rows, over all layers, most often among each sample's lowest."""
-    return select_positions(attribution_scores, quota, "global_lowest")
+    return _select(attribution_scores, quota, "global_lowest")
 
 
 def select_trainable_nodes_global_highest(attribution_scores, quota: float) -> list[list[int]]:
     """The ``floor(L·H·q/100)`` rows, over all layers, most often among each sample's highest."""
-    return select_positions(attribution_scores, quota, "global_highest")
+    return _select(attribution_scores, quota, "global_highest")
 
 
 def load_attributions_from_hdf5(hdf5_path: PathLike) -> np.ndarray:
@@ -54,7 +60,7 @@ def save_positions_to_json(positions: list[list[int]], output_path: PathLike, cr
         raise ValueError("positions list cannot be empty")
     if not create_dirs and not Path(output_path).parent.exists():
         raise FileNotFoundError(f"directory {Path(output_path).parent} does not exist")
-    save_positions(positions, output_path)
+    save_target_pos(positions, output_path)
 
 
 def merge_hdf5_files(input_dir: PathLike, output_file: PathLike) -> None:
@@ -62,4 +68,4 @@ def merge_hdf5_files(input_dir: PathLike, output_file: PathLike) -> None:
     inputs = sorted(Path(input_dir).glob("*.h5"))
     if not inputs:
         raise ValueError(f"no .h5 files in {input_dir}")
-    merge_attribution_files(inputs, output_file)
+    concat_attribution_files(inputs, output_file)

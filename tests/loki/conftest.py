@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from tests.tiny_models import random_rows, tiny_model
 
@@ -14,8 +13,3 @@ def base_dir(request, tmp_path):
     rows = random_rows()
     (tmp_path / "10.json").write_text(json.dumps(rows))
     return tmp_path, model, rows
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits

@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import torch
 
-from loki import analyse
 from loki.analyse import AnalyseArgs, Question, load_questions, prompt_ids, run_analysis, user_turn
 from loki_kernels import kva
 from loki_kernels.formats import read_attributions, read_metadata
@@ -115,7 +114,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("analyse")
     torch.manual_seed(0)
     tok = char_tokenizer()
-    model = tiny_model("llama", vocab_size=len(tok)).eval()
+    model = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=1024).eval()
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     data = _write(_records(5, seed=1), root / "mmlu.jsonl")

@@ -11,10 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from loki.cli import main
 from loki_kernels.formats import AttributionWriter
-from loki_kernels.selection import select_positions
-from tests.loki.conftest import logits
-from tests.test_patching import train
-from tests.tiny_models import HIDDEN, LAYERS, batch
+from loki_kernels.selection import select_target_pos
+from tests.tiny_models import HIDDEN, LAYERS, batch, logits, train
 
 
 @pytest.fixture
@@ -32,24 +30,24 @@ def test_select_nodes_default_names(h5, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["select-nodes", "--hdf5-path", str(path), "--quota", "10"]) == 0
     out = tmp_path / "kva_result" / "pos_json" / "TinyModel" / "10.json"
-    assert json.loads(out.read_text()) == select_positions(scores, 10)
+    assert json.loads(out.read_text()) == select_target_pos(scores, 10)
     assert "selected" in capsys.readouterr().out
 
     assert main(["select-nodes", "--hdf5-path", str(path), "--quota", "20", "--strategy", "global_highest"]) == 0
     out = tmp_path / "kva_result" / "pos_json" / "TinyModel" / "global_highest_20.json"
-    assert json.loads(out.read_text()) == select_positions(scores, 20, "global_highest")
+    assert json.loads(out.read_text()) == select_target_pos(scores, 20, "global_highest")
 
 
 def test_select_nodes_output_flags(h5, tmp_path):
     path, scores = h5
     assert main(["select-nodes", "--hdf5-path", str(path), "--quota", "30", "--strategy", "global_lowest",
                  "--output-dir", str(tmp_path / "o"), "--output-name", "global_30_L.json"]) == 0
-    assert json.loads((tmp_path / "o" / "global_30_L.json").read_text()) == select_positions(scores, 30, "global_lowest")
+    assert json.loads((tmp_path / "o" / "global_30_L.json").read_text()) == select_target_pos(scores, 30, "global_lowest")
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--quota", "0"], "--quota must be in (0, 100], got 0.0"),
-    (["--quota", "101"], "--quota must be in (0, 100], got 101.0"),
+    (["--quota", "0"], "--quota must be in (0, 100], got 0"),
+    (["--quota", "101"], "--quota must be in (0, 100], got 101"),
 ])
 def test_select_nodes_bad_quota(h5, capsys, argv, message):
     assert main(["select-nodes", "--hdf5-path", str(h5[0])] + argv) == 2

@@ -32,10 +32,10 @@ def test_tiny_demo_end_to_end(tmp_path):
     loki, rand, full, lora = results[1:]
     assert "LoKI" in loki.method and "random" in rand.method and "full" in full.method and "LoRA" in lora.method
     assert 0 < loki.trainable == rand.trainable < lora.trainable < full.trainable
-    positions = json.loads((tmp_path / "10.json").read_text())
+    target_pos = json.loads((tmp_path / "10.json").read_text())
     d_ff = tiny_llama(10).config.intermediate_size
-    assert len(positions) == 4 and all(len(rows) == 12 for rows in positions)  # floor(128 * 10 / 100) per layer
-    assert loki.trainable == sum(len(rows) for rows in positions) * d_ff
+    assert len(target_pos) == 4 and all(len(rows) == 12 for rows in target_pos)  # floor(128 * 10 / 100) per layer
+    assert loki.trainable == sum(len(rows) for rows in target_pos) * d_ff
     assert all(0 <= r.new_acc <= 100 and r.ms_per_step >= 0 for r in results)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [r["method"] for r in saved] == names
@@ -64,8 +64,8 @@ def test_demo_on_a_local_model_and_data(tmp_path):
                              "--steps", "2", "--quota", "25", "--out-dir", str(out)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    positions = json.loads((out / "25.json").read_text())
-    assert len(positions) == LAYERS and all(len(rows) == 10 for rows in positions)  # floor(40 * 25 / 100)
+    target_pos = json.loads((out / "25.json").read_text())
+    assert len(target_pos) == LAYERS and all(len(rows) == 10 for rows in target_pos)  # floor(40 * 25 / 100)
     assert len(json.loads((out / "results.json").read_text())) == 5
 
 

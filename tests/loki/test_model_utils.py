@@ -10,9 +10,7 @@ from transformers import AutoModelForCausalLM
 import loki
 from loki_kernels import SplitLinear, find_down_projs
 from loki_kernels.reference import apply_reference_loki
-from tests.loki.conftest import logits
-from tests.test_patching import train
-from tests.tiny_models import batch
+from tests.tiny_models import batch, logits, train
 
 
 def test_create_train_restore(base_dir):
@@ -79,18 +77,6 @@ def test_original_split_checkpoint_loads_and_restores(base_dir):
     restored = AutoModelForCausalLM.from_pretrained(tmp / "restored")
     assert torch.allclose(logits(restored, ids), logits(reference, ids), rtol=1e-5, atol=1e-6)
     _assert_only_rows_changed(pristine, restored, rows)
-
-
-def test_loki_linear_keeps_the_original_constructor():
-    linear = torch.nn.Linear(12, 5)
-    layer = loki.LoKILinear(linear, [3, 1])
-    assert layer.active_pos.tolist() == [1, 3] and layer.frozen_pos == [0, 2, 4]
-    x = torch.randn(2, 3, 12)
-    assert torch.allclose(layer(x), linear(x))
-    with pytest.raises(ValueError, match="row 5 is out of range"):
-        loki.LoKILinear(linear, [5])
-    with pytest.raises(ValueError, match="row 1 is listed twice"):
-        loki.LoKILinear(linear, [1, 1])
 
 
 def test_create_rejects_bad_positions_and_writes_nothing(base_dir):

@@ -10,7 +10,7 @@ from torch import nn
 
 from loki_kernels import SplitLinear, split_linear
 from loki_kernels.backend import ENV_VAR, resolve_backend
-from loki_kernels.ops.split_linear import make_slot
+from loki_kernels.ops.split_linear import make_index_map
 from loki_kernels.reference import LoKILinear
 from tests.conftest import DEVICE, TOL, rel_err
 
@@ -90,8 +90,42 @@ def test_matches_float64(backend, dtype, rows, bias, layout):
     else:
         assert inputs["weight_active"].grad.shape == (0, K)
     # Frozen rows never change; the torch path may only rewrite the active rows (with their own values).
-    frozen = make_slot(inputs["active_pos"], N) < 0
+    frozen = make_index_map(inputs["active_pos"], N) >= len(inputs["active_pos"])
     assert torch.equal(inputs["weight"][frozen], frozen_before[frozen])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("rows", ["none", "some", "all"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_compact_layout_matches_float64(backend, dtype, rows, bias):
+    """``weight`` holding only the frozen rows (the original LoKILinear's layout) computes the same."""
+    rows = _rows(rows)
+    inputs, dy, ref = _case(dtype, rows, bias, lead=(3, 13))
+    frozen = make_index_map(rows.to(DEVICE), N) >= len(rows)
+    inputs["weight"] = inputs["weight"][frozen].contiguous()
+    if bias:
+        inputs["bias"] = inputs["bias"][frozen].contiguous()
+    index_map = make_index_map(inputs["active_pos"], N, compact=True)
+    y = split_linear(**inputs, index_map=index_map, backend=backend)
+    y.backward(dy)
+    tol = TOL[dtype]
+    assert rel_err(y, ref["y"]) < tol
+    assert rel_err(inputs["x"].grad, ref["dx"]) < tol
+    if len(rows):
+        assert rel_err(inputs["weight_active"].grad, ref["dwa"]) < tol
+        if bias:
+            assert rel_err(inputs["bias_active"].grad, ref["dba"]) < tol
+
+
+def test_index_map_layouts():
+    active = torch.tensor([1, 3, 4])
+    assert make_index_map(active, 6).tolist() == [3, 0, 5, 1, 2, 8]  # frozen row n -> k + n
+    assert make_index_map(active, 6, compact=True).tolist() == [3, 0, 4, 1, 2, 5]  # the original index_map
+    assert make_index_map(torch.tensor([], dtype=torch.long), 3, compact=True).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="weight has shape"):
+        split_linear(torch.randn(2, 4), torch.randn(4, 4), torch.randn(3, 4), active,
+                     index_map=make_index_map(active, 6))  # 6 rows, 3 active: weight must have 6 or 3
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,4 +1,8 @@
-"""Trainable-row positions: LoKI's position JSON (``[[row, ...] per layer]``) and its checks."""
+"""``target_pos``: which ``down_proj`` rows train, one list of row indices per decoder layer (LoKI's position JSON).
+
+``target_pos`` is the whole model's selection (``[[row, ...] per layer]``, the original's name and JSON
+format); one layer's sorted rows are its ``active_pos``. This module reads, writes and checks both.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,13 @@ import secrets
 from collections.abc import Iterable, Mapping
 from typing import Union
 
-PositionsLike = Union[str, os.PathLike, Mapping, Iterable]
+TargetPosLike = Union[str, os.PathLike, Mapping, Iterable]
 
-__all__ = ["PositionsLike", "normalize_positions", "load_positions", "save_positions", "check_rows"]
+__all__ = ["TargetPosLike", "check_target_pos", "load_target_pos", "save_target_pos", "check_active_pos"]
 
 
-def load_positions(path: Union[str, os.PathLike]) -> Union[list, dict]:
-    """Read a position JSON file (a list of lists, or ``{layer: rows}``) without validating it."""
+def load_target_pos(path: Union[str, os.PathLike]) -> Union[list, dict]:
+    """Read a target_pos JSON file (a list of lists, or ``{layer: rows}``) without validating it."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -25,21 +29,26 @@ def load_positions(path: Union[str, os.PathLike]) -> Union[list, dict]:
         raise ValueError(f"target_pos file {os.fspath(path)!r} is not valid JSON: {e}") from None
 
 
-def normalize_positions(target_pos: PositionsLike, num_layers: int, out_features: Union[int, list[int]]) -> list[list[int]]:
+def check_target_pos(target_pos: TargetPosLike, num_layers: int, out_features: Union[int, list[int]]) -> list[list[int]]:
     """Validate ``target_pos`` and return one sorted list of row indices per layer.
 
-    ``target_pos`` is one list of rows per layer, a ``{layer: rows}`` dict (missing layers get no rows),
+    ``target_pos`` is one list of rows per layer, a ``{layer: rows}`` dict (missing layers get no rows;
+    keys are ints or their decimal strings, as JSON writes them, and one layer may not be named twice),
     or a path to a JSON file holding either. Every problem raises ``ValueError`` naming the layer and
     the offending value.
     """
     if isinstance(target_pos, (str, os.PathLike)):
-        target_pos = load_positions(target_pos)
+        target_pos = load_target_pos(target_pos)
     sizes = out_features if isinstance(out_features, list) else [out_features] * num_layers
 
     if isinstance(target_pos, Mapping):
         per_layer: list = [[] for _ in range(num_layers)]
+        named: dict[int, object] = {}
         for key, rows in target_pos.items():
             layer = _layer_key(key, num_layers)
+            if layer in named:
+                raise ValueError(f"target_pos names layer {layer} twice (keys {named[layer]!r} and {key!r})")
+            named[layer] = key
             per_layer[layer] = rows
     elif isinstance(target_pos, Iterable) and not isinstance(target_pos, (bytes, str)):
         per_layer = list(target_pos)
@@ -50,7 +59,7 @@ def normalize_positions(target_pos: PositionsLike, num_layers: int, out_features
             f"target_pos must be a list of row lists, a {{layer: rows}} dict or a JSON path, "
             f"not {type(target_pos).__name__}"
         )
-    return [check_rows(rows, sizes[layer], f"target_pos layer {layer}") for layer, rows in enumerate(per_layer)]
+    return [check_active_pos(rows, sizes[layer], f"target_pos layer {layer}") for layer, rows in enumerate(per_layer)]
 
 
 def _layer_key(key, num_layers: int) -> int:
@@ -65,7 +74,7 @@ def _layer_key(key, num_layers: int) -> int:
     return layer
 
 
-def check_rows(rows, size: int, where: str = "rows") -> list[int]:
+def check_active_pos(rows, size: int, where: str = "active_pos") -> list[int]:
     """Validate one layer's row indices (integers in [0, size), no duplicates) and return them sorted."""
     if hasattr(rows, "tolist"):  # numpy arrays and torch tensors
         rows = rows.tolist()
@@ -84,22 +93,22 @@ def check_rows(rows, size: int, where: str = "rows") -> list[int]:
     return sorted(seen)
 
 
-def save_positions(positions, path: Union[str, os.PathLike]) -> None:
-    """Write ``positions`` (one list of row indices per layer) as a position JSON file.
+def save_target_pos(target_pos, path: Union[str, os.PathLike]) -> None:
+    """Write ``target_pos`` (one list of row indices per layer) as a JSON file.
 
-    The format is the original's (``json.dump(positions, indent=4)``), plus a trailing newline. Rows keep
+    The format is the original's (``json.dump(target_pos, indent=4)``), plus a trailing newline. Rows keep
     their order (selection lists them most voted first). Every layer's rows must be non-negative integers
     without duplicates (``ValueError`` naming the layer and value otherwise); layers may be empty. Parent
     folders are created. The file is written to a temporary file next to ``path`` and renamed over it, so
     a failure never leaves a truncated or half-written file (an existing one stays as it was).
     """
-    if hasattr(positions, "tolist"):  # a 2-D numpy array or torch tensor
-        positions = positions.tolist()
-    if isinstance(positions, (str, bytes, Mapping)) or not isinstance(positions, Iterable):
-        raise ValueError(f"positions must be a list of row lists (one per layer), not {type(positions).__name__}")
-    layers = [_row_list(rows, f"positions layer {layer}") for layer, rows in enumerate(positions)]
+    if hasattr(target_pos, "tolist"):  # a 2-D numpy array or torch tensor
+        target_pos = target_pos.tolist()
+    if isinstance(target_pos, (str, bytes, Mapping)) or not isinstance(target_pos, Iterable):
+        raise ValueError(f"target_pos must be a list of row lists (one per layer), not {type(target_pos).__name__}")
+    layers = [_row_list(rows, f"target_pos layer {layer}") for layer, rows in enumerate(target_pos)]
     if not layers:
-        raise ValueError("positions must list at least one layer")
+        raise ValueError("target_pos must list at least one layer")
     text = json.dumps(layers, indent=4) + "\n"
 
     path = os.fspath(path)
@@ -119,7 +128,7 @@ def save_positions(positions, path: Union[str, os.PathLike]) -> None:
 
 
 def _row_list(rows, where: str) -> list[int]:
-    """``rows`` as Python ints in their given order, checked like :func:`check_rows` but with no upper bound."""
+    """``rows`` as Python ints in their given order, checked like :func:`check_active_pos` but with no upper bound."""
     if hasattr(rows, "tolist"):
         rows = rows.tolist()
     if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Iterable):
@@ -129,5 +138,5 @@ def _row_list(rows, where: str) -> list[int]:
         if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value < 0:
             raise ValueError(f"{where}: row {value!r} is negative")
     bound = max((int(v) for v in rows if isinstance(v, numbers.Integral) and not isinstance(v, bool)), default=-1)
-    check_rows(rows, bound + 1, where)  # integers only, no duplicates
+    check_active_pos(rows, bound + 1, where)  # integers only, no duplicates
     return [int(v) for v in rows]

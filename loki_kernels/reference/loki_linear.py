@@ -1,9 +1,10 @@
-"""The original LoKI implementation, kept only to test and benchmark against. Do not train with it.
+"""The original LoKI ``LoKILinear``, kept only to test and benchmark against. Do not train with it.
 
-``LoKILinear`` is the class from github.com/Nexround/LoKI (``src/loki/core/loki_linear.py``, unchanged
-since the first commit): the weight is split into an ``active`` and a ``frozen`` ``nn.Linear``, the
-forward runs both, concatenates the outputs and gathers the columns back through ``index_map``.
-Like the original, it assumes a 3-D input ``[batch, seq, in]``.
+``LoKILinear`` is the class from github.com/Nexround/LoKI (``src/loki/core/loki_linear.py`` at HEAD; the
+first commit's class computes the same and differs only in its error messages, "Activated position index
+out of range" and "Duplicate indices found in active_pos"): the weight is split into an ``active`` and a
+``frozen`` ``nn.Linear``, the forward runs both, concatenates the outputs and gathers the columns back
+through ``index_map``. Like the original, it assumes a 3-D input ``[batch, seq, in]``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .patching import find_down_projs
-from .positions import PositionsLike, normalize_positions
+from ..arch import find_down_projs
+from ..target_pos import TargetPosLike, check_target_pos
 
 __all__ = ["LoKILinear", "apply_reference_loki"]
 
@@ -28,9 +29,9 @@ class LoKILinear(nn.Module):
         active = set(self.active_pos)
         self.frozen_pos = [i for i in range(self.out_features) if i not in active]
         if not all(0 <= idx < self.out_features for idx in self.active_pos):
-            raise ValueError("Activated position index out of range")
+            raise ValueError(f"Target neuron indices must be within [0, {self.out_features - 1}]")
         if len(self.active_pos) != len(set(self.active_pos)):
-            raise ValueError("Duplicate indices found in active_pos")
+            raise ValueError("Target neuron indices contain duplicate values")
 
         weight = original_linear.weight.data
         self.active = nn.Linear(self.in_features, len(self.active_pos), bias=False)
@@ -60,8 +61,8 @@ class LoKILinear(nn.Module):
             output += bias.unsqueeze(0).unsqueeze(0)
         return output.gather(-1, self.index_map.view(1, 1, -1).expand(output.size(0), output.size(1), -1))
 
-    def merged_weight(self) -> torch.Tensor:
-        """The full ``[out, in]`` weight, for comparing against other implementations."""
+    def full_weight(self) -> torch.Tensor:
+        """The whole ``[out, in]`` weight, for comparing against other implementations (not in the original)."""
         weight = torch.empty(self.out_features, self.in_features, dtype=self.active.weight.dtype,
                              device=self.active.weight.device)
         weight[self.active_pos] = self.active.weight.detach()
@@ -69,13 +70,13 @@ class LoKILinear(nn.Module):
         return weight
 
 
-def apply_reference_loki(model: nn.Module, target_pos: PositionsLike) -> nn.Module:
+def apply_reference_loki(model: nn.Module, target_pos: TargetPosLike) -> nn.Module:
     """What the original ``LoKI*ForCausalLM`` does: freeze everything, then swap in ``LoKILinear``s."""
     projs = find_down_projs(model)
-    positions = normalize_positions(target_pos, len(projs), [p.module.out_features for p in projs])
+    target_pos = check_target_pos(target_pos, len(projs), [p.out_features for p in projs])
     for p in model.parameters():
         p.requires_grad_(False)
-    for proj, rows in zip(projs, positions):
-        if rows:
-            setattr(proj.parent, proj.attr, LoKILinear(proj.module, rows))
+    for proj, active_pos in zip(projs, target_pos):
+        if active_pos:
+            proj.replace(LoKILinear(proj.module, active_pos))
     return model

@@ -1,0 +1,15 @@
+"""The original implementations, kept as oracles for tests and benchmarks. Never train or attribute with them.
+
+One file per original:
+
+* :mod:`.loki_linear`: LoKI's ``LoKILinear`` (two ``nn.Linear`` layers, ``cat``, ``gather``) and what its model
+  classes do with it (:func:`~.loki_linear.apply_reference_loki`).
+* :mod:`.kva_paper`: the paper-time KVA estimator (LoKI's first commit), one layer and one prompt at a time.
+* :mod:`.kva_captum`: LoKI HEAD's KVA loop over Captum's ``LayerIntegratedGradients``.
+"""
+
+from .kva_captum import captum_loop
+from .kva_paper import paper_estimator
+from .loki_linear import LoKILinear, apply_reference_loki
+
+__all__ = ["LoKILinear", "apply_reference_loki", "paper_estimator", "captum_loop"]
