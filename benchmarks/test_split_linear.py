@@ -3,7 +3,7 @@
 Providers (each built, warmed up and measured for memory outside the timed region):
 
 * ``fused``: ``SplitLinear(backend="triton")``, the Triton kernels (CUDA only).
-* ``torch``: ``SplitLinear(backend="torch")``, in-place row merge + one dense GEMM.
+* ``torch``: ``SplitLinear(backend="torch")``, in-place row write-back + one dense GEMM.
 * ``reference``: ``loki_kernels.reference.LoKILinear``, the original cat+gather implementation.
 * ``dense``: a plain ``nn.Linear`` whose weight trains, i.e. full fine-tuning: the physical limit.
 

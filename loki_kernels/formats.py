@@ -12,6 +12,7 @@ Differences from the original writer:
 
 - float32 by default (float16 on request); the original's HEAD cast everything to float16, where tiny
   attributions underflow and become ties. Files of the original's first commit are float32 too. Both read.
+- fill value NaN (never stored), so a row a damaged chunk index has lost reads as NaN, not as zeros.
 - chunks of one sample, ``(1, L, H)``, instead of h5py's automatic chunking (reads of whole samples,
   which is what selection does, then touch nothing else).
 - a batch is checked (shape, NaN/inf, float16 overflow) before anything is written, and is written with
@@ -38,6 +39,7 @@ import numpy as np
 __all__ = [
     "DATASET",
     "METADATA_PREFIX",
+    "STORAGE_DTYPES",
     "AttributionWriter",
     "open_attributions",
     "read_attributions",
@@ -48,7 +50,11 @@ __all__ = [
 DATASET = "dataset"
 METADATA_PREFIX = "metadata_"
 COMPRESSION, COMPRESSION_LEVEL = "gzip", 4
+# What a row whose chunk cannot be found reads as (HDF5 returns the fill value, silently, when a damaged chunk
+# index loses a chunk): NaN, which is never stored, so reading the file back tells such a row from a sample.
+FILL_VALUE = np.nan
 _STORAGE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
+STORAGE_DTYPES = tuple(_STORAGE_DTYPES)  # what attributions may be stored as
 
 PathLike = Union[str, os.PathLike]
 
@@ -59,18 +65,23 @@ def open_attributions(path: PathLike, *, dataset: str = DATASET) -> Iterator[h5p
     """Open an attribution file read-only and yield its validated ``[N, L, H]`` h5py Dataset.
 
     Nothing is loaded: slice the dataset (``dset[a:b]``) to read samples. The file is closed when the
-    ``with`` block ends. Raises ``ValueError`` (naming the file) when the file is missing or not HDF5,
+    ``with`` block ends. Raises ``ValueError`` (naming the file) when the file is missing, not HDF5 or damaged,
     when ``dataset`` is missing (listing the datasets the file has), or when it is not 3-D and numeric.
     """
     name = os.fspath(path)
     if not os.path.exists(name):
         raise ValueError(f"attribution file {name!r} does not exist")
     try:
-        file = h5py.File(name, "r")
+        file = _open_h5(name, "r")
     except OSError as e:
         raise ValueError(f"attribution file {name!r} is not a readable HDF5 file: {e}") from None
     with file:
-        yield _checked_dataset(file, dataset, name)
+        try:
+            dset = _checked_dataset(file, dataset, name)
+        except (OSError, RuntimeError, KeyError) as e:  # h5py: damaged metadata past the superblock
+            raise ValueError(f"attribution file {name!r} is damaged: cannot read its dataset {dataset!r} "
+                             f"({str(e).strip(chr(39))})") from None
+        yield dset
 
 
 def read_attributions(
@@ -92,11 +103,26 @@ def read_metadata(path: PathLike, *, dataset: str = DATASET) -> dict[str, Any]:
     stored) are decoded. ``None`` was stored as the string ``"None"`` (as the original did) and stays one.
     """
     with open_attributions(path, dataset=dataset) as dset:
-        return {
-            key[len(METADATA_PREFIX):]: _decode_attr(value)
-            for key, value in dset.attrs.items()
-            if key.startswith(METADATA_PREFIX)
-        }
+        try:
+            return {
+                key[len(METADATA_PREFIX):]: _decode_attr(value)
+                for key, value in dset.attrs.items()
+                if key.startswith(METADATA_PREFIX)
+            }
+        except (OSError, RuntimeError, KeyError, TypeError) as e:  # h5py on a damaged object header
+            raise ValueError(f"attribution file {os.fspath(path)!r} is damaged: cannot read its metadata ({e})"
+                             ) from None
+
+
+def _open_h5(name: PathLike, mode: str) -> h5py.File:
+    """``h5py.File(name, mode)``; a file another process holds open (HDF5's own lock) is a ``ValueError``."""
+    try:
+        return h5py.File(name, mode)
+    except OSError as e:
+        if "unable to lock file" in str(e):
+            raise ValueError(f"attribution file {os.fspath(name)!r} is in use by another process (HDF5 holds a "
+                             f"lock on it); wait for it to finish") from None
+        raise
 
 
 def _checked_dataset(file: h5py.File, dataset: str, name: str) -> h5py.Dataset:
@@ -179,11 +205,16 @@ class AttributionWriter:
     def _create(self, attrs: dict[str, Any]) -> h5py.File:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         shape = (self.num_layers, self.hidden_size)
-        file = h5py.File(self.path, "w")
+        if self.path.exists():  # HDF5 truncates before it locks: take the lock first, so a file in use survives
+            try:
+                _open_h5(self.path, "r+").close()
+            except OSError:
+                pass  # not an HDF5 file: replaced below
+        file = _open_h5(self.path, "w")
         try:
             dset = file.create_dataset(
                 DATASET, shape=(0, *shape), maxshape=(None, *shape), chunks=(1, *shape), dtype=self.dtype,
-                compression=COMPRESSION, compression_opts=COMPRESSION_LEVEL,
+                compression=COMPRESSION, compression_opts=COMPRESSION_LEVEL, fillvalue=FILL_VALUE,
             )
             attrs.setdefault(METADATA_PREFIX + "created_at", datetime.now().isoformat())
             dset.attrs.update(attrs)
@@ -196,7 +227,7 @@ class AttributionWriter:
     def _reopen(self, attrs: dict[str, Any]) -> h5py.File:
         name = os.fspath(self.path)
         try:
-            file = h5py.File(name, "r+")
+            file = _open_h5(name, "r+")
         except OSError as e:
             raise ValueError(f"cannot resume {name!r}: not a writable HDF5 file ({e})") from None
         try:
@@ -343,6 +374,7 @@ def concat_attribution_files(
             dset_out = out.create_dataset(
                 DATASET, shape=(total, *ref_shape), maxshape=(None, *ref_shape), chunks=(1, *ref_shape),
                 dtype=ref_dtype, compression=COMPRESSION, compression_opts=COMPRESSION_LEVEL,
+                fillvalue=FILL_VALUE if ref_dtype.kind == "f" else None,
             )
             dset_out.attrs.update(metadata)
             dset_out.attrs[METADATA_PREFIX + "concatenated_from"] = json.dumps([os.fspath(p) for p in inputs])

@@ -50,9 +50,12 @@ class SplitLinear(nn.Module):
         self.bias = bias
         if bias is not None:
             bias.requires_grad_(False)
-        pos = torch.tensor(self._rows, dtype=torch.long, device=weight.device)
+        # built on the CPU and moved: on the meta device make_index_map cannot run (nonzero has no meta kernel)
+        pos = torch.tensor(self._rows, dtype=torch.long)
+        index_map = make_index_map(pos, self.out_features)
+        pos = pos.to(weight.device)
         self.register_buffer("active_pos", pos, persistent=False)
-        self.register_buffer("index_map", make_index_map(pos, self.out_features), persistent=False)
+        self.register_buffer("index_map", index_map.to(weight.device), persistent=False)
         with torch.no_grad():
             self.weight_active = nn.Parameter(self.full_weight().index_select(0, pos).clone())
             self.bias_active = None if bias is None else nn.Parameter(bias.index_select(0, pos).clone())

@@ -29,8 +29,9 @@ def patch_model(model: nn.Module, target_pos: TargetPosLike, *, freeze_rest: boo
 
     Patch before wrapping the model (peft, DDP, FSDP, ``torch.compile``). A model built on the meta device
     may be patched; after ``to_empty()``, load its weights with ``load_state_dict`` (which fills the trainable
-    rows too). Invalid input raises ``ValueError`` naming the layer and value, and leaves the model untouched.
-    Returns the same model.
+    rows too; as for any model built on meta, call ``tie_weights()`` and recompute non-persistent buffers such
+    as rotary ``inv_freq``, which no state dict holds). Invalid input raises ``ValueError`` naming the layer
+    and value, and leaves the model untouched. Returns the same model.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")

@@ -217,6 +217,10 @@ def _vote_counts(attributions: Any, quota: float, strategy: str, chunk_size: int
             counts += votes.sum(dim=0)
             if bar is not None:
                 bar.update(chunk.shape[0])
+    except BaseException:
+        if bar is not None:
+            bar.leave = False  # erase the unfinished bar, so that only the error is left on the terminal
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -247,7 +251,13 @@ def _extreme_k(x: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
 def _chunks(attributions: Any, num_samples: int, chunk_size: int, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
     """``(start, samples start:start+chunk_size)`` as tensors on ``device``; float16/bfloat16 widened to float32."""
     for start in range(0, num_samples, chunk_size):
-        block = attributions[start:start + chunk_size]
+        stop = min(start + chunk_size, num_samples)
+        try:
+            block = attributions[start:stop]
+        except (OSError, RuntimeError) as e:  # h5py: a damaged file that opens but cannot be read
+            name = getattr(getattr(attributions, "file", None), "filename", None)
+            source = f"attribution file {name!r}" if name else "the attributions"
+            raise ValueError(f"cannot read samples {start}-{stop - 1} of {source} (damaged?): {e}") from None
         if isinstance(block, torch.Tensor):
             chunk = block.detach()
         else:

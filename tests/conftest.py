@@ -38,3 +38,17 @@ def pytest_report_header(config):
 def _seed():
     torch.manual_seed(SEED)
     yield
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def base_dir(request, tmp_path):
+    """A tiny random model saved to ``tmp_path / "base"``, and a position JSON for it in ``tmp_path / "10.json"``."""
+    import json
+
+    from tests.tiny_models import random_rows, tiny_model
+
+    model = tiny_model(request.param)
+    model.save_pretrained(tmp_path / "base")
+    rows = random_rows()
+    (tmp_path / "10.json").write_text(json.dumps(rows))
+    return tmp_path, model, rows

@@ -88,3 +88,22 @@ def train(model, ids, steps=3, lr=1e-2):
 
 def snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def save_split_checkpoint(tmp, base, rows):
+    """A trained model saved the way the original LoKI classes save it (split keys), in ``tmp / "split"``."""
+    from safetensors.torch import save_file
+
+    from loki.model_utils import get_loki_classes
+    from loki_kernels.reference import apply_reference_loki
+
+    reference = apply_reference_loki(base, rows)
+    train(reference, batch(), steps=3)
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    if "lm_head.weight" in state and base.config.tie_word_embeddings:
+        del state["lm_head.weight"]
+    (tmp / "split").mkdir()
+    save_file(state, tmp / "split" / "model.safetensors", metadata={"format": "pt"})
+    config_cls, _ = get_loki_classes(base.config.model_type)
+    config_cls.from_pretrained(tmp / "base", target_pos=rows).save_pretrained(tmp / "split")
+    return reference

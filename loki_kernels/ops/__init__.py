@@ -5,6 +5,6 @@
 * :mod:`.common`: helpers the op files share (device guard, compute dtype, interpreter switches).
 """
 
-from .split_linear import SplitLinearFunction, make_index_map, merged_rows, split_linear, write_back_
+from .split_linear import SplitLinearFunction, make_index_map, ordered_rows, split_linear, write_back_
 
-__all__ = ["split_linear", "make_index_map", "merged_rows", "write_back_", "SplitLinearFunction"]
+__all__ = ["split_linear", "make_index_map", "ordered_rows", "write_back_", "SplitLinearFunction"]

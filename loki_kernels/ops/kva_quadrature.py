@@ -19,7 +19,6 @@ Captum's nodes and weights for its five methods, bit for bit.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import numpy as np
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..backend import resolve_backend, triton_available
+from .common import compute_dtype, contiguous_rows, device_guard
 
 __all__ = ["METHODS", "quadrature", "interpolate", "weighted_grad_sum"]
 
@@ -128,21 +128,8 @@ if triton_available():
         tl.store(out_ptr + g * stride_og + offs, (d * acc).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _rows(t: Tensor) -> Tensor:
-    """A 2-D view whose last dimension is contiguous (the kernels take a row stride only)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _block(h: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(h)))
-
-
-def _device_guard(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _check_groups(name: str, x: Tensor, baseline: Optional[Tensor]) -> None:
@@ -156,7 +143,7 @@ def _check_groups(name: str, x: Tensor, baseline: Optional[Tensor]) -> None:
 # interpolate
 # --------------------------------------------------------------------------------------------------
 def _interpolate_torch(x: Tensor, alphas: Tensor, baseline: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
-    dt = _compute_dtype(x, baseline)
+    dt = compute_dtype(x, baseline)
     a = alphas.to(x.device, dt).view(1, -1, 1)
     xc = x.to(dt).unsqueeze(1)
     if baseline is None:
@@ -172,12 +159,12 @@ def _interpolate_triton(x: Tensor, alphas: Tensor, baseline: Optional[Tensor], o
     out = torch.empty((g * m, h), dtype=out_dtype, device=x.device)
     if out.numel() == 0:
         return out
-    dt = _compute_dtype(x, baseline)
-    x = _rows(x)
-    b = _rows(baseline) if baseline is not None else x
+    dt = compute_dtype(x, baseline)
+    x = contiguous_rows(x)
+    b = contiguous_rows(baseline) if baseline is not None else x
     a = alphas.to(x.device, dt).contiguous()
     block = _block(h)
-    with _device_guard(x):
+    with device_guard(x):
         _interpolate_kernel[(triton.cdiv(h, block), g)](  # column blocks on axis 0: no 65535 limit
             x, b, a, out, h, m, x.stride(0), b.stride(0), out.stride(0),
             HAS_BASE=baseline is not None, COMPUTE=tl.float64 if dt == torch.float64 else tl.float32, BLOCK=block,
@@ -212,7 +199,7 @@ def interpolate(
 # --------------------------------------------------------------------------------------------------
 def _weighted_grad_sum_torch(grads: Tensor, weights: Tensor, x: Tensor, baseline: Optional[Tensor],
                              out_dtype: torch.dtype) -> Tensor:
-    dt = _compute_dtype(grads, x, baseline)
+    dt = compute_dtype(grads, x, baseline)
     g, h = x.shape
     total = torch.einsum("gmh,m->gh", grads.reshape(g, -1, h).to(dt), weights.to(grads.device, dt))
     d = x.to(dt) if baseline is None else x.to(dt) - baseline.to(dt)
@@ -227,12 +214,12 @@ def _weighted_grad_sum_triton(grads: Tensor, weights: Tensor, x: Tensor, baselin
         return out
     if m == 0:
         return out.zero_()
-    dt = _compute_dtype(grads, x, baseline)
-    grads, x = _rows(grads), _rows(x)
-    b = _rows(baseline) if baseline is not None else x
+    dt = compute_dtype(grads, x, baseline)
+    grads, x = contiguous_rows(grads), contiguous_rows(x)
+    b = contiguous_rows(baseline) if baseline is not None else x
     w = weights.to(x.device, dt).contiguous()
     block = _block(h)
-    with _device_guard(x):
+    with device_guard(x):
         _weighted_grad_sum_kernel[(triton.cdiv(h, block), g)](
             grads, w, x, b, out, h, m, grads.stride(0), x.stride(0), b.stride(0), out.stride(0),
             HAS_BASE=baseline is not None, ACC=tl.float64 if dt == torch.float64 else tl.float32, BLOCK=block,

@@ -17,7 +17,7 @@ exactly the original ``LoKILinear.index_map``; for the full layout frozen row ``
   written: forward ``Y = X Wᵀ``, input gradient ``dX = dY W``, and ``dW_active = dY[:, active_pos]ᵀ X``
   for the ``k`` active rows only (the column gather of ``dY`` is fused into the kernel's loads).
 * ``"torch"``: full layout: :func:`write_back_` copies the ``k`` active rows into ``weight`` in place, then
-  one dense ``F.linear``; compact layout: the merged weight is built for the call. ``dX = dY W``; the weight
+  one dense ``F.linear``; compact layout: the whole weight is built for the call. ``dX = dY W``; the weight
   gradient again only for the active rows.
 
 Neither backend concatenates outputs or gathers them back, and neither ever forms a full-size weight
@@ -33,7 +33,7 @@ from torch import Tensor
 from ..backend import interpreting, resolve_backend, triton_available
 from .common import device_guard, upcast_operands
 
-__all__ = ["split_linear", "make_index_map", "merged_rows", "write_back_", "SplitLinearFunction"]
+__all__ = ["split_linear", "make_index_map", "ordered_rows", "write_back_", "SplitLinearFunction"]
 
 
 def make_index_map(active_pos: Tensor, out_features: int, *, compact: bool = False) -> Tensor:
@@ -55,7 +55,7 @@ def make_index_map(active_pos: Tensor, out_features: int, *, compact: bool = Fal
     return index_map
 
 
-def merged_rows(active: Tensor, frozen: Tensor, index_map: Tensor) -> Tensor:
+def ordered_rows(active: Tensor, frozen: Tensor, index_map: Tensor) -> Tensor:
     """The layer's rows in order (``[N, ...]``), from ``active`` and ``frozen`` rows in either layout."""
     return torch.cat([active.to(frozen.dtype), frozen]).index_select(0, index_map)
 
@@ -275,7 +275,7 @@ def triton_forward(
     if m == 0 or n == 0:
         return y
     if k == 0:
-        return y.zero_() if bias is None else y.copy_(merged_rows(bias_active, bias, index_map).expand(m, n))
+        return y.zero_() if bias is None else y.copy_(ordered_rows(bias_active, bias, index_map).expand(m, n))
     has_bias = bias is not None
     b = bias if has_bias else weight  # never read when HAS_BIAS is False
     ba = bias_active if has_bias else weight
@@ -359,9 +359,9 @@ class SplitLinearFunction(torch.autograd.Function):
         elif full:
             write_back_(weight, weight_active, active_pos, bias, bias_active)
             y = F.linear(x2d, weight, bias)
-        else:  # compact layout: the merged weight, for this call only
-            weight = merged_rows(weight_active, weight, index_map)
-            bias = None if bias is None else merged_rows(bias_active, bias, index_map)
+        else:  # compact layout: the whole weight, for this call only
+            weight = ordered_rows(weight_active, weight, index_map)
+            bias = None if bias is None else ordered_rows(bias_active, bias, index_map)
             y = F.linear(x2d, weight, bias)
         # The frozen weight is held as an attribute: the torch path rewrites its active rows on every
         # call, which is harmless (same values) but would trip save_for_backward's version check.

@@ -38,15 +38,15 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from loki_kernels.files import FileLock
+from loki_kernels.formats import STORAGE_DTYPES
 from loki_kernels.kva import DEFAULT_METHOD, DEFAULT_STEPS, METHODS, SEMANTICS, quadrature
 
-from loki_kernels.files import FileLock
+from .constants import TORCH_DTYPES
 
 logger = logging.getLogger(__name__)
 
 LETTERS = "ABCDEFGHIJ"
-DTYPES = ("float32", "float16")  # of the stored attributions
-TORCH_DTYPES = ("auto", "float32", "float16", "bfloat16")  # of the model
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -68,19 +68,23 @@ def _read_table(path: Path) -> list:
             return list(load_from_disk(str(path)))
         except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"{path}: not a dataset saved with datasets' save_to_disk ({e})") from None
+    if suffix in (".jsonl", ".json"):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     if suffix == ".jsonl":
         records = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path} line {n}: not valid JSON ({e})") from None
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {n}: not valid JSON ({e})") from None
         return records
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         return _json_records(data, path)
@@ -123,7 +127,7 @@ def _parse_choices(value, where: str) -> tuple[str, ...]:
         except json.JSONDecodeError:
             try:
                 value = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
+            except (ValueError, SyntaxError, TypeError, RecursionError):
                 raise ValueError(f"{where}: choices {value[:60]!r} is not a list") from None
     if hasattr(value, "tolist"):  # numpy arrays from parquet
         value = value.tolist()
@@ -142,7 +146,8 @@ def _parse_answer(value, choices: tuple[str, ...], where: str) -> int:
         answer = int(text)
     elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
         answer = int(value)
-    elif isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
+            and float(value).is_integer():
         answer = int(value)  # pandas reads an integer column holding a missing value as float
     else:
         raise ValueError(f"{where}: answer {value!r} is neither a choice index nor a letter A-{LETTERS[-1]}")
@@ -257,7 +262,7 @@ class AnalyseArgs:
         if self.shots and self.dev_data is None:
             raise ValueError("--shots needs --dev-data (MMLU's dev split)")
         for value, name, allowed in ((self.method, "--method", METHODS), (self.semantics, "--semantics", SEMANTICS),
-                                     (self.dtype, "--dtype", DTYPES), (self.torch_dtype, "--torch-dtype", TORCH_DTYPES)):
+                                     (self.dtype, "--dtype", STORAGE_DTYPES), (self.torch_dtype, "--torch-dtype", TORCH_DTYPES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         try:
@@ -323,10 +328,13 @@ def _check_resumable(path: Path, metadata: dict) -> None:
     stored = read_metadata(path)
     for key in _RESUME_KEYS:
         if key in stored and str(stored[key]) != str(metadata[key]):
-            what = "content" if key.endswith("sha256") else repr(stored[key])
-            raise ValueError(f"cannot resume {path}: it was written with {key}={what}, this run has "
-                             f"{key}={'another content' if key.endswith('sha256') else repr(metadata[key])}; "
-                             f"use another --output-dir/--result-file or delete the file")
+            if key.endswith("sha256"):
+                flag = "--data" if key == "dataset_sha256" else "--dev-data"
+                differs = f"the content of {flag} changed since it was written ({key} differs)"
+            else:
+                differs = f"it was written with {key}={stored[key]!r}, this run has {key}={metadata[key]!r}"
+            raise ValueError(f"cannot resume {path}: {differs}; use another --output-dir/--result-file or delete "
+                             f"the file")
 
 
 def verify(path: Path, num_samples: Optional[int] = None, chunk_size: int = 64) -> int:
@@ -346,7 +354,7 @@ def verify(path: Path, num_samples: Optional[int] = None, chunk_size: int = 64) 
                 if not np.isfinite(block).all():
                     bad = start + int(np.argwhere(~np.isfinite(block))[0][0])
                     raise ValueError(f"sample {bad} holds NaN/inf")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:  # the last three: h5py on damaged metadata
         if "in use" in str(e):
             raise
         raise ValueError(f"{path} is damaged ({e}); delete it and run again") from None

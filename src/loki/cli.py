@@ -9,18 +9,18 @@ status 2, and leaves nothing behind: every input is checked before anything is w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
 
+from loki_kernels.formats import STORAGE_DTYPES
 from loki_kernels.kva import METHODS, SEMANTICS
 from loki_kernels.selection import STRATEGIES
 
-from .constants import DEFAULT_IG_METHOD, DEFAULT_IG_STEPS, DEFAULT_QUOTA, DEFAULT_STRATEGY
+from .constants import DEFAULT_IG_METHOD, DEFAULT_IG_STEPS, DEFAULT_QUOTA, DEFAULT_STRATEGY, TORCH_DTYPES
 
 logger = logging.getLogger("loki.cli")
-
-DTYPES = ("float32", "float16", "bfloat16", "auto")
 
 
 class UserError(Exception):
@@ -39,9 +39,28 @@ def _existing(path: Path, what: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _no_progress_bars(args: argparse.Namespace):
+    """transformers' bars ("Loading weights") write to stderr, where an error must be the only line: off unless
+    ``--log-level`` is INFO or DEBUG."""
+    from transformers.utils import logging as hf_logging
+
+    if args.log_level in ("INFO", "DEBUG") or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def quota_name(quota: float, strategy: str) -> str:
-    """The default position JSON name: ``{q}.json`` or ``{strategy}_{q}.json`` (``12.5.json`` for 12.5)."""
-    q = f"{quota:g}"
+    """The default position JSON name: ``{q}.json`` or ``{strategy}_{q}.json`` (``12.5.json`` for 12.5).
+
+    ``q`` is the quota's shortest exact decimal (``12`` for 12.0), so two different quotas never share a file.
+    """
+    q = repr(float(quota)).removesuffix(".0")
     return f"{q}.json" if strategy == "layer_balanced" else f"{strategy}_{q}.json"
 
 
@@ -55,7 +74,8 @@ def run_select_nodes(args: argparse.Namespace) -> int:
     hdf5_path = _existing(args.hdf5_path, "HDF5 file")
     output_dir = args.output_dir or Path("kva_result/pos_json") / hdf5_path.parent.name
     output = output_dir / (args.output_name or quota_name(args.quota, args.strategy))
-    target_pos = select_target_pos(hdf5_path, args.quota, args.strategy, progress=True)
+    # a progress bar on a terminal only: anywhere else, stderr holds nothing but a possible error line
+    target_pos = select_target_pos(hdf5_path, args.quota, args.strategy, progress=sys.stderr.isatty())
     save_target_pos(target_pos, output)
     total = sum(map(len, target_pos))
     print(f"selected {total} rows across {len(target_pos)} layers ({args.strategy}, q={args.quota:g}%) -> {output}")
@@ -63,26 +83,31 @@ def run_select_nodes(args: argparse.Namespace) -> int:
 
 
 def run_create_model(args: argparse.Namespace) -> int:
-    from .model_utils import create_loki_model, get_loki_classes, source_model_type
+    from .model_utils import create_loki_model, get_loki_classes, model_type_key, source_model_type
+    from .modeling_loki import LOKI_CLASSES
 
     _existing(args.target_pos_path, "target position file")
     config_cls, model_cls = None, None
     if args.model_type:
+        if model_type_key(args.model_type) not in LOKI_CLASSES:  # else get_loki_classes looks it up as a model name
+            raise UserError(f"--model-type {args.model_type}: no LoKI model class for it; supported: "
+                            f"{', '.join(LOKI_CLASSES)}")
         config_cls, model_cls = get_loki_classes(args.model_type, args.trust_remote_code)
         source = source_model_type(args.model_name, args.trust_remote_code)
         if source != config_cls.base_model_type:
             raise UserError(f"--model-type {args.model_type} disagrees with {args.model_name}'s config (model type "
                             f"{source!r}); pass --model-type {source} or leave it out")
-    create_loki_model(
-        loki_model_class=model_cls,
-        loki_config_cls=config_cls,
-        model_name=args.model_name,
-        target_pos_path=args.target_pos_path,
-        save_dir=args.save_dir,
-        torch_dtype=_dtype(args.torch_dtype),
-        trust_remote_code=args.trust_remote_code,
-        overwrite=args.overwrite,
-    )
+    with _no_progress_bars(args):
+        create_loki_model(
+            loki_model_class=model_cls,
+            loki_config_cls=config_cls,
+            model_name=args.model_name,
+            target_pos_path=args.target_pos_path,
+            save_dir=args.save_dir,
+            torch_dtype=_dtype(args.torch_dtype),
+            trust_remote_code=args.trust_remote_code,
+            overwrite=args.overwrite,
+        )
     print(f"LoKI model saved to {args.save_dir}")
     return 0
 
@@ -92,14 +117,15 @@ def run_restore_model(args: argparse.Namespace) -> int:
 
     _existing(args.model_path, "LoKI model")
     _existing(args.target_pos_path, "target position file")
-    restore_loki_model(
-        target_pos_path=args.target_pos_path,
-        model_path=args.model_path,
-        model_name=args.model_name,
-        output_path=args.output_path,
-        torch_dtype=_dtype(args.torch_dtype),
-        overwrite=args.overwrite,
-    )
+    with _no_progress_bars(args):
+        restore_loki_model(
+            target_pos_path=args.target_pos_path,
+            model_path=args.model_path,
+            model_name=args.model_name,
+            output_path=args.output_path,
+            torch_dtype=_dtype(args.torch_dtype),
+            overwrite=args.overwrite,
+        )
     print(f"restored model saved to {args.output_path}")
     return 0
 
@@ -175,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--semantics", default=SEMANTICS[0], choices=SEMANTICS,
                    help="last_token: the paper's estimator; captum: the later Captum-based script's")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per engine call")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="of the stored attributions")
-    p.add_argument("--torch-dtype", default="auto", choices=DTYPES, help="of the model")
+    p.add_argument("--dtype", default="float32", choices=STORAGE_DTYPES, help="of the stored attributions")
+    p.add_argument("--torch-dtype", default="auto", choices=TORCH_DTYPES, help="of the model")
     p.add_argument("--max-batch-rows", type=int, default=None,
                    help="bound on (layer, step) rows per pass (memory); none: all on CPU, from free memory on CUDA")
     p.set_defaults(func=run_analyse)
@@ -196,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dir", type=Path, required=True, help="output directory (new or empty)")
     p.add_argument("--model-type", default=None,
                    help="architecture (llama, qwen2, qwen3, mistral); must match the model's config; none: inferred")
-    p.add_argument("--torch-dtype", default="auto", choices=DTYPES, help="of the saved weights")
+    p.add_argument("--torch-dtype", default="auto", choices=TORCH_DTYPES, help="of the saved weights")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the source model's own code")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-dir (or the source's)")
     p.set_defaults(func=run_create_model)
@@ -206,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-pos-path", type=Path, required=True, help="the position JSON it was trained with")
     p.add_argument("--output-path", type=Path, required=True, help="output directory (new or empty)")
     p.add_argument("--model-name", required=True, help="the base model the LoKI model was created from")
-    p.add_argument("--torch-dtype", default="auto", choices=DTYPES, help="of the restored weights")
+    p.add_argument("--torch-dtype", default="auto", choices=TORCH_DTYPES, help="of the restored weights")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-path")
     p.set_defaults(func=run_restore_model)
 

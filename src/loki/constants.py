@@ -11,3 +11,4 @@ DEFAULT_IG_STEPS = DEFAULT_STEPS
 DEFAULT_IG_METHOD = DEFAULT_METHOD
 DEFAULT_QUOTA = 10.0
 DEFAULT_STRATEGY = STRATEGIES[0]  # layer_balanced
+TORCH_DTYPES = ("auto", "float32", "float16", "bfloat16")  # what a model may be loaded as (--torch-dtype)

@@ -24,6 +24,7 @@ Differences from the original (github.com/Nexround/LoKI):
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ from . import modeling_loki
 from .modeling_loki import LOKI_CLASSES, LOKI_PREFIX, safetensors_files
 
 __all__ = ["create_loki_model", "restore_loki_model", "set_zero_weights", "get_loki_classes", "source_model_type",
-           "load_config", "OutputDir"]
+           "model_type_key", "load_config", "OutputDir"]
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -53,7 +54,7 @@ MODEL_TYPE_ALIASES = {"qwen": "qwen2", "qwen2.5": "qwen2", "llama3": "llama"}
 # ---------------------------------------------------------------------------------------- model classes
 def get_loki_classes(model_identifier: str, trust_remote_code: bool = False):
     """(config class, model class) for a model type (``"llama"``, ``"qwen2"``, ...) or a model name/path."""
-    key = _model_type_key(model_identifier)
+    key = model_type_key(model_identifier)
     if key not in LOKI_CLASSES:
         key = source_model_type(model_identifier, trust_remote_code)
     if key not in LOKI_CLASSES:
@@ -63,10 +64,11 @@ def get_loki_classes(model_identifier: str, trust_remote_code: bool = False):
 
 def source_model_type(model_name: PathLike, trust_remote_code: bool = False) -> str:
     """The architecture of a checkpoint: its config's ``model_type``, without the ``loki_`` of a LoKI directory."""
-    return _model_type_key(load_config(model_name, trust_remote_code).model_type)
+    return model_type_key(load_config(model_name, trust_remote_code).model_type)
 
 
-def _model_type_key(name: str) -> str:
+def model_type_key(name: str) -> str:
+    """A model type as the LoKI classes are keyed: lower case, aliases resolved, ``loki_`` dropped."""
     key = str(name).lower()
     key = key[len(LOKI_PREFIX):] if key.startswith(LOKI_PREFIX) else key
     return MODEL_TYPE_ALIASES.get(key, key)
@@ -110,7 +112,8 @@ class OutputDir:
     :meth:`check` (call it before any heavy work) refuses an existing file, a non-empty directory or one of
     ``sources`` unless ``overwrite``. Inside ``with``, files are written to a temporary sibling directory
     (``.<name>.loki-tmp-<pid>-<random>``), which is moved into place on success (replacing the old
-    directory whole) and removed on any error or interruption. Temporary directories of earlier runs whose
+    directory whole) and removed on any error or interruption, with the parent directories made for it (if
+    moving the new directory in fails, the old one is put back). Temporary directories of earlier runs whose
     process is gone are removed when a new one is made.
     """
 
@@ -134,6 +137,7 @@ class OutputDir:
     def __enter__(self) -> Path:
         self.check()
         parent = self.target.parent
+        self.made = [d for d in (parent, *parent.parents) if not d.exists()]  # removed again if nothing moves in
         parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(parent, self.target.name)
         self.tmp = parent / f".{self.target.name}.loki-tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -141,23 +145,33 @@ class OutputDir:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
+        old = None
         try:
             if exc_type is None:
-                old = None
                 if self.target.exists():
                     old = self.target.parent / f".{self.target.name}.loki-old-{os.getpid()}-{secrets.token_hex(4)}"
                     os.replace(self.target, old)
                 os.replace(self.tmp, self.target)
-                if old is not None:
-                    shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            if old is not None and old.exists() and not self.target.exists():
+                os.replace(old, self.target)  # the new directory did not move in: the old one goes back
+            raise
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if not self.target.exists():
+                for made in self.made:
+                    try:
+                        made.rmdir()
+                    except OSError:
+                        break
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return False
 
 
 def _remove_stale(parent: Path, name: str) -> None:
     for kind in ("tmp", "old"):
-        for path in parent.glob(f".{name}.loki-{kind}-*"):
+        for path in parent.glob(f"{glob.escape(f'.{name}')}.loki-{kind}-*"):
             try:
                 pid = int(path.name.split(f".loki-{kind}-", 1)[1].split("-")[0])
             except ValueError:
@@ -196,7 +210,7 @@ def create_loki_model(
     selected rows, which is what LlamaFactory's ``finetuning_type: full`` expects.
     """
     config = load_config(model_name, trust_remote_code)
-    source_type = _model_type_key(config.model_type)
+    source_type = model_type_key(config.model_type)
     if source_type not in LOKI_CLASSES:
         raise ValueError(f"{os.fspath(model_name)} is a {config.model_type!r} model; LoKI model classes exist for "
                          f"{', '.join(LOKI_CLASSES)}")
@@ -319,13 +333,18 @@ def _check_trained(trained: _TrainedCheckpoint, projs, target_pos, json_path, ba
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per row: equal, up to one rounding to the coarser of the two dtypes."""
+    """Per row: equal, up to one rounding from one dtype to the other, or to the coarser of the two.
+
+    The exact comparisons cover values that a relative bound does not, e.g. bfloat16 weights below float16's
+    normal range loaded with ``torch_dtype=torch.float16``.
+    """
     if a.dtype == b.dtype:
         return (a == b).all(dim=-1)
+    exact = (a.to(b.dtype) == b) | (b.to(a.dtype) == a)
     coarse = a.dtype if a.element_size() < b.element_size() else b.dtype
     eps = torch.finfo(coarse).eps if coarse.is_floating_point else 0.0
     a, b = a.double(), b.double()
-    return ((a - b).abs() <= eps * b.abs()).all(dim=-1)
+    return (exact | ((a - b).abs() <= eps * b.abs())).all(dim=-1)
 
 
 @torch.no_grad()

@@ -4,13 +4,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import loki
 from loki_kernels import SplitLinear, find_down_projs
-from loki_kernels.reference import apply_reference_loki
-from tests.tiny_models import batch, logits, train
+from tests.tiny_models import batch, logits, save_split_checkpoint, train
 
 
 def test_create_train_restore(base_dir):
@@ -49,24 +47,10 @@ def _assert_only_rows_changed(base, other, rows):
             assert torch.equal(before[key], after[key]), key
 
 
-def _save_split_checkpoint(tmp, base, rows):
-    """A trained model saved the way the original LoKI classes save it (split keys)."""
-    reference = apply_reference_loki(base, rows)
-    train(reference, batch(), steps=3)
-    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
-    if "lm_head.weight" in state and base.config.tie_word_embeddings:
-        del state["lm_head.weight"]
-    (tmp / "split").mkdir()
-    save_file(state, tmp / "split" / "model.safetensors", metadata={"format": "pt"})
-    config_cls, _ = loki.model_utils.get_loki_classes(base.config.model_type)
-    config_cls.from_pretrained(tmp / "base", target_pos=rows).save_pretrained(tmp / "split")
-    return reference
-
-
 def test_original_split_checkpoint_loads_and_restores(base_dir):
     tmp, base, rows = base_dir
     pristine = AutoModelForCausalLM.from_pretrained(tmp / "base")
-    reference = _save_split_checkpoint(tmp, base, rows)
+    reference = save_split_checkpoint(tmp, base, rows)
     ids = batch()
     _, model_cls = loki.model_utils.get_loki_classes(base.config.model_type)
     model = model_cls.from_pretrained(tmp / "split")
