@@ -50,6 +50,7 @@ from tests.tiny_models import (
     logits,
     random_rows,
     save_split_checkpoint,
+    saved_char_model,
     snapshot,
     tiny_model,
     train,
@@ -498,13 +499,7 @@ def _jsonl(records, path):
 @pytest.fixture(scope="module")
 def analyse_model(tmp_path_factory):
     """A tiny random Llama with a character tokenizer, saved locally."""
-    root = tmp_path_factory.mktemp("faults_analyse")
-    torch.manual_seed(0)
-    tok = char_tokenizer()
-    model = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=1024).eval()
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    return root / "model", model, tok
+    return saved_char_model(tmp_path_factory.mktemp("faults_analyse"))
 
 
 @pytest.fixture

@@ -107,3 +107,15 @@ def save_split_checkpoint(tmp, base, rows):
     config_cls, _ = get_loki_classes(base.config.model_type)
     config_cls.from_pretrained(tmp / "base", target_pos=rows).save_pretrained(tmp / "split")
     return reference
+
+
+def saved_char_model(root, max_positions: int = 1024):
+    """A tiny random Llama and a character tokenizer, saved to ``root / "model"``: ``(path, model, tokenizer)``.
+
+    ``max_positions`` is large enough for the original MMLU prompt (a few hundred characters).
+    """
+    tok = char_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=max_positions).eval()
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    return root / "model", model, tok

@@ -17,7 +17,7 @@ from loki.analyse import AnalyseArgs, Question, load_questions, prompt_ids, run_
 from loki_kernels import kva
 from loki_kernels.formats import read_attributions, read_metadata
 from tests.conftest import rel_err
-from tests.tiny_models import HIDDEN, LAYERS, char_tokenizer, tiny_model
+from tests.tiny_models import HIDDEN, LAYERS, char_tokenizer, saved_char_model
 
 SUBJECTS = ("high_school_physics", "anatomy")
 
@@ -112,11 +112,7 @@ def test_prompt_uses_the_chat_template_and_shots():
 def setup(tmp_path_factory):
     """A tiny random Llama with a character tokenizer saved locally, and a small MMLU-format file."""
     root = tmp_path_factory.mktemp("analyse")
-    torch.manual_seed(0)
-    tok = char_tokenizer()
-    model = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=1024).eval()
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    _, model, tok = saved_char_model(root)
     data = _write(_records(5, seed=1), root / "mmlu.jsonl")
     dev = _write(_records(10, seed=2), root / "dev.jsonl")
     return root, model, tok, data, dev
