@@ -88,7 +88,8 @@ def model_dims(model_or_config) -> tuple[int, int]:
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
     hidden = next((getattr(config, a) for a in ("hidden_size", "n_embd", "d_model") if hasattr(config, a)), None)
-    layers = next((getattr(config, a) for a in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(config, a)), None)
+    layer_names = ("num_hidden_layers", "n_layer", "num_layers")
+    layers = next((getattr(config, a) for a in layer_names if hasattr(config, a)), None)
     if hidden is None or layers is None:
         raise ValueError(f"cannot read the hidden size and layer count from {type(config).__name__}")
     return int(hidden), int(layers)

@@ -17,7 +17,9 @@ __all__ = ["patch_model", "unpatch_model", "count_parameters", "ParameterCount"]
 _SAVED_FLAGS = "_loki_requires_grad"
 
 
-def patch_model(model: nn.Module, target_pos: TargetPosLike, *, freeze_rest: bool = True, backend: str = "auto") -> nn.Module:
+def patch_model(
+    model: nn.Module, target_pos: TargetPosLike, *, freeze_rest: bool = True, backend: str = "auto"
+) -> nn.Module:
     """Make only the rows ``target_pos`` of each layer's MLP down projection trainable, in place.
 
     Args:
@@ -113,7 +115,8 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     trainable but not again towards the total.
     """
     seen: set[int] = set()
-    shadows = {id(t) for m in model.modules() if isinstance(m, SplitLinear) for t in (m.weight_active, m.bias_active) if t is not None}
+    splits = [m for m in model.modules() if isinstance(m, SplitLinear)]
+    shadows = {id(t) for m in splits for t in (m.weight_active, m.bias_active) if t is not None}
     trainable = total = 0
     for p in model.parameters():
         if id(p) in seen:

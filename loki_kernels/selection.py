@@ -130,8 +130,9 @@ def select_target_pos(
         raise ValueError(f"quota {quota:g}% selects no row: it is less than one of the {hidden} rows of a layer "
                          f"(the smallest quota that selects one is {_smallest_quota(hidden):g}%)")
     if strategy != "layer_balanced" and total_quota(num_layers, hidden, quota) == 0:
+        smallest = _smallest_quota(num_layers * hidden)
         raise ValueError(f"quota {quota:g}% selects no row: it is less than one of the {num_layers * hidden} rows "
-                         f"of all layers (the smallest quota that selects one is {_smallest_quota(num_layers * hidden):g}%)")
+                         f"of all layers (the smallest quota that selects one is {smallest:g}%)")
     return target_pos_from_counts(counts, quota, strategy)
 
 
@@ -186,7 +187,8 @@ def target_pos_from_counts(counts: Any, quota: float, strategy: str = "layer_bal
 def _vote_counts(attributions: Any, quota: float, strategy: str, chunk_size: int, progress: bool) -> torch.Tensor:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    if not isinstance(attributions, torch.Tensor) and not (hasattr(attributions, "shape") and hasattr(attributions, "__getitem__")):
+    array_like = hasattr(attributions, "shape") and hasattr(attributions, "__getitem__")
+    if not isinstance(attributions, torch.Tensor) and not array_like:
         attributions = np.asarray(attributions)
     shape = tuple(int(s) for s in attributions.shape)
     if len(shape) != 3:
@@ -248,7 +250,9 @@ def _extreme_k(x: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     return beyond | (at & (at.cumsum(dim=-1) <= room))
 
 
-def _chunks(attributions: Any, num_samples: int, chunk_size: int, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+def _chunks(
+    attributions: Any, num_samples: int, chunk_size: int, device: torch.device
+) -> Iterator[tuple[int, torch.Tensor]]:
     """``(start, samples start:start+chunk_size)`` as tensors on ``device``; float16/bfloat16 widened to float32."""
     for start in range(0, num_samples, chunk_size):
         stop = min(start + chunk_size, num_samples)

@@ -29,7 +29,9 @@ def load_target_pos(path: Union[str, os.PathLike]) -> Union[list, dict]:
         raise ValueError(f"target_pos file {os.fspath(path)!r} is not valid JSON: {e}") from None
 
 
-def check_target_pos(target_pos: TargetPosLike, num_layers: int, out_features: Union[int, list[int]]) -> list[list[int]]:
+def check_target_pos(
+    target_pos: TargetPosLike, num_layers: int, out_features: Union[int, list[int]]
+) -> list[list[int]]:
     """Validate ``target_pos`` and return one sorted list of row indices per layer.
 
     ``target_pos`` is one list of rows per layer, a ``{layer: rows}`` dict (missing layers get no rows;

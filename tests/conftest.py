@@ -31,7 +31,8 @@ SEED = int(os.environ.get("LOKI_TEST_SEED", int.from_bytes(os.urandom(4), "littl
 
 
 def pytest_report_header(config):
-    return f"loki-kernels: LOKI_TEST_SEED={SEED}, device={DEVICE}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
+    interpret = os.environ.get("TRITON_INTERPRET", "0")
+    return f"loki-kernels: LOKI_TEST_SEED={SEED}, device={DEVICE}, TRITON_INTERPRET={interpret}"
 
 
 @pytest.fixture(autouse=True)

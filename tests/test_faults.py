@@ -891,7 +891,8 @@ def test_file_held_open_by_hdf5_is_in_use(analyse_model, tmp_path, monkeypatch, 
 # 3. select-nodes, patch_model, kva.attribute, --help
 # ==================================================================================================
 def _scores(n=7, layers=LAYERS, hidden=HIDDEN):
-    return np.random.default_rng(int(torch.randint(0, 2**31, ()))).standard_normal((n, layers, hidden)).astype(np.float32)
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
+    return rng.standard_normal((n, layers, hidden)).astype(np.float32)
 
 
 def _write_h5(path, scores):

@@ -128,6 +128,7 @@ def test_adapter_save_and_load(tmp_path):
         expected = lora(input_ids=ids).logits
     lora.save_pretrained(tmp_path / "adapter")
     fresh = loki_kernels.patch_model(copy.deepcopy(base), rows)
-    loaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter", config=lora_config(fresh, r=R, lora_alpha=ALPHA))
+    config = lora_config(fresh, r=R, lora_alpha=ALPHA)
+    loaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter", config=config)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, expected)

@@ -195,7 +195,8 @@ def captum(runner: Runner, ids: Tensor, target: Optional[int], alphas: Tensor, w
         z_all = interpolate(x.reshape(1, -1), alphas, b.reshape(1, -1), backend=backend).view(m, seq, -1)
         for start in range(0, m, chunk):
             stop = min(start + chunk, m)
-            grads[i * m + start:i * m + stop] = _captum_rows(runner, i, ids, z_all[start:stop], target, broadcast_prefix)
+            step_grads = _captum_rows(runner, i, ids, z_all[start:stop], target, broadcast_prefix)
+            grads[i * m + start:i * m + stop] = step_grads
         del z_all
     x_last = torch.stack([c[0, -1] for c in captured])
     b_last = torch.stack([c[1, -1] for c in captured])

@@ -37,5 +37,5 @@ if triton_available():
     import triton
 
     def autotune(configs: list, key: list[str], interpreter_config):
-        """``triton.autotune``, except under the interpreter (which cannot benchmark): there only ``interpreter_config``."""
+        """``triton.autotune``; under the interpreter (which cannot benchmark) only ``interpreter_config``."""
         return triton.autotune(configs=[interpreter_config] if interpreting() else configs, key=key)

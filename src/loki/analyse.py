@@ -210,7 +210,8 @@ def conversation(q: Question, shots: Sequence[Question] = ()) -> list[dict]:
     """Chat messages: optional few-shot examples as user/assistant turns, then the question."""
     messages = []
     for shot in shots:
-        messages += [{"role": "user", "content": user_turn(shot)}, {"role": "assistant", "content": LETTERS[shot.answer]}]
+        messages += [{"role": "user", "content": user_turn(shot)},
+                     {"role": "assistant", "content": LETTERS[shot.answer]}]
     return messages + [{"role": "user", "content": user_turn(q)}]
 
 
@@ -261,8 +262,9 @@ class AnalyseArgs:
             raise ValueError(f"--shots must be 0 or a positive integer, got {self.shots!r}")
         if self.shots and self.dev_data is None:
             raise ValueError("--shots needs --dev-data (MMLU's dev split)")
-        for value, name, allowed in ((self.method, "--method", METHODS), (self.semantics, "--semantics", SEMANTICS),
-                                     (self.dtype, "--dtype", STORAGE_DTYPES), (self.torch_dtype, "--torch-dtype", TORCH_DTYPES)):
+        choices = ((self.method, "--method", METHODS), (self.semantics, "--semantics", SEMANTICS),
+                   (self.dtype, "--dtype", STORAGE_DTYPES), (self.torch_dtype, "--torch-dtype", TORCH_DTYPES))
+        for value, name, allowed in choices:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         try:

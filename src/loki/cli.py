@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--result-file", default="kva_mmlu.h5", help="name of the HDF5 file in --output-dir")
     p.add_argument("--dev-data", type=Path, default=None, help="few-shot examples (MMLU dev split), for --shots")
     p.add_argument("--shots", type=int, default=0, help="few-shot examples per question: 0 (zero-shot) or e.g. 5")
-    p.add_argument("--max-samples-per-subset", type=int, default=None, help="the first N questions of each subject; none: all")
+    p.add_argument("--max-samples-per-subset", type=int, default=None,
+                   help="the first N questions of each subject; none: all")
     p.add_argument("--steps", type=int, default=DEFAULT_IG_STEPS, help="integration steps")
     p.add_argument("--method", default=DEFAULT_IG_METHOD, choices=METHODS, help="quadrature rule (Captum's)")
     p.add_argument("--semantics", default=SEMANTICS[0], choices=SEMANTICS,

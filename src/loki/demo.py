@@ -300,7 +300,8 @@ def load_jsonl_world(path: Path) -> World:
                 raise ValueError(f"{path}:{n}: split must be 'old' or 'new', got {split!r}")
             (old if split == "old" else new).append(pair)
     if not old or not new:
-        raise ValueError(f"{path}: needs records with split 'old' (probes) and 'new' (task), got {len(old)} and {len(new)}")
+        raise ValueError(f"{path}: needs records with split 'old' (probes) and 'new' (task), "
+                         f"got {len(old)} and {len(new)}")
     return World(old=[Task("old", old)], new=Task("new", new))
 
 

@@ -315,7 +315,8 @@ def _check_trained(trained: _TrainedCheckpoint, projs, target_pos, json_path, ba
         prefix, kind = trained.prefix(proj)
         out_features, in_features = proj.out_features, proj.in_features
         if kind == "split":
-            expected = {"active.weight": (len(rows), in_features), "frozen.weight": (out_features - len(rows), in_features)}
+            expected = {"active.weight": (len(rows), in_features),
+                        "frozen.weight": (out_features - len(rows), in_features)}
             for part, shape in expected.items():
                 got = trained.shapes.get(f"{prefix}.{part}")
                 if got != shape:
@@ -381,7 +382,8 @@ def restore_loki_model(
         is_active = torch.zeros(full.shape[0], dtype=torch.bool)
         is_active[rows] = True
         if kind == "split":
-            active_rows, frozen_rows = trained.tensor(f"{prefix}.active.weight"), trained.tensor(f"{prefix}.frozen.weight")
+            active_rows = trained.tensor(f"{prefix}.active.weight")
+            frozen_rows = trained.tensor(f"{prefix}.frozen.weight")
             bias_key = f"{prefix}.active_bias"
         else:
             weight = trained.tensor(f"{prefix}.weight")

@@ -56,7 +56,8 @@ def load_split_format(model, path) -> int:
         with safe_open(file, framework="pt") as f:
             keys = set(f.keys())
             for proj in projs:
-                prefix = next((p for p in (proj.name, proj.name.partition(".")[2]) if f"{p}.active.weight" in keys), None)
+                names = (proj.name, proj.name.partition(".")[2])  # with and without the base model's prefix
+                prefix = next((p for p in names if f"{p}.active.weight" in keys), None)
                 if prefix is None:
                     continue
                 weight = proj.rows()

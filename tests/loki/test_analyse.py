@@ -104,7 +104,8 @@ def test_prompt_uses_the_chat_template_and_shots():
     q, shot = Question("anatomy", "Q1?", ("a", "b", "c", "d"), 1), Question("anatomy", "S?", ("w", "x", "y", "z"), 2)
     text = lambda s: s.replace("\n", "<unk>")  # noqa: E731  (the character vocabulary has no newline)
     assert tok.decode(prompt_ids(tok, q)) == text(f"<user>{user_turn(q)}<assistant>")
-    assert tok.decode(prompt_ids(tok, q, [shot])) == text(f"<user>{user_turn(shot)}<assistant>C<user>{user_turn(q)}<assistant>")
+    expected = f"<user>{user_turn(shot)}<assistant>C<user>{user_turn(q)}<assistant>"
+    assert tok.decode(prompt_ids(tok, q, [shot])) == text(expected)
 
 
 # ---------------------------------------------------------------------------------------------- runs

@@ -42,7 +42,8 @@ def test_select_nodes_output_flags(h5, tmp_path):
     path, scores = h5
     assert main(["select-nodes", "--hdf5-path", str(path), "--quota", "30", "--strategy", "global_lowest",
                  "--output-dir", str(tmp_path / "o"), "--output-name", "global_30_L.json"]) == 0
-    assert json.loads((tmp_path / "o" / "global_30_L.json").read_text()) == select_target_pos(scores, 30, "global_lowest")
+    written = json.loads((tmp_path / "o" / "global_30_L.json").read_text())
+    assert written == select_target_pos(scores, 30, "global_lowest")
 
 
 @pytest.mark.parametrize("argv, message", [
