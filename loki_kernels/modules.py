@@ -50,13 +50,11 @@ class SplitLinear(nn.Module):
         self.bias = bias
         if bias is not None:
             bias.requires_grad_(False)
-        # built on the CPU and moved: on the meta device make_index_map cannot run (nonzero has no meta kernel)
-        pos = torch.tensor(self._rows, dtype=torch.long)
-        index_map = make_index_map(pos, self.out_features)
-        pos = pos.to(weight.device)
-        self.register_buffer("active_pos", pos, persistent=False)
-        self.register_buffer("index_map", index_map.to(weight.device), persistent=False)
+        self.register_buffer("active_pos", None, persistent=False)
+        self.register_buffer("index_map", None, persistent=False)
+        self._index_buffers(weight.device)
         with torch.no_grad():
+            pos = self.active_pos
             self.weight_active = nn.Parameter(self.full_weight().index_select(0, pos).clone())
             self.bias_active = None if bias is None else nn.Parameter(bias.index_select(0, pos).clone())
         self._register_state_dict_hook(_write_back_on_save)
@@ -89,11 +87,15 @@ class SplitLinear(nn.Module):
         # .to(), .cuda(), to_empty(), ...: the index buffers are rebuilt from the row list, so that a module
         # made on the meta device (or moved by to_empty, which leaves buffers uninitialised) is correct.
         super()._apply(fn, recurse)
-        if not self.active_pos.is_meta:
-            pos = torch.tensor(self._rows, dtype=torch.long, device=self.active_pos.device)
-            self.active_pos = pos
-            self.index_map = make_index_map(pos, self.out_features)
+        self._index_buffers(self.active_pos.device)
         return self
+
+    def _index_buffers(self, device: torch.device) -> None:
+        """``active_pos`` and ``index_map`` from the row list, built on the CPU (``make_index_map`` has no meta
+        kernel) and moved to ``device``."""
+        pos = torch.tensor(self._rows, dtype=torch.long)
+        self.index_map = make_index_map(pos, self.out_features).to(device)
+        self.active_pos = pos.to(device)
 
     # ---------------------------------------------------------------------------------------- views
     @property

@@ -79,6 +79,11 @@ def _exact(quota: float) -> Fraction:
     return Fraction(repr(float(quota))) if not isinstance(quota, numbers.Integral) else Fraction(int(quota))
 
 
+def _votes_per_sample(strategy: str, num_layers: int, hidden: int, quota: float) -> int:
+    """Rows one sample votes for: ``k`` per layer (``layer_balanced``) or ``T`` over all layers (global)."""
+    return layer_quota(hidden, quota) if strategy == "layer_balanced" else total_quota(num_layers, hidden, quota)
+
+
 def _smallest_quota(rows: int) -> float:
     """The smallest quota with at most 4 decimals that selects one of ``rows`` rows."""
     return math.ceil(100 / rows * 10**4) / 10**4
@@ -126,13 +131,10 @@ def select_target_pos(
             return select_target_pos(dset, quota, strategy, chunk_size=chunk_size, progress=progress)
     counts = _vote_counts(attributions, quota, strategy, chunk_size, progress)
     num_layers, hidden = counts.shape
-    if strategy == "layer_balanced" and layer_quota(hidden, quota) == 0:
-        raise ValueError(f"quota {quota:g}% selects no row: it is less than one of the {hidden} rows of a layer "
-                         f"(the smallest quota that selects one is {_smallest_quota(hidden):g}%)")
-    if strategy != "layer_balanced" and total_quota(num_layers, hidden, quota) == 0:
-        smallest = _smallest_quota(num_layers * hidden)
-        raise ValueError(f"quota {quota:g}% selects no row: it is less than one of the {num_layers * hidden} rows "
-                         f"of all layers (the smallest quota that selects one is {smallest:g}%)")
+    if _votes_per_sample(strategy, num_layers, hidden, quota) == 0:
+        rows, of = (hidden, "a layer") if strategy == "layer_balanced" else (num_layers * hidden, "all layers")
+        raise ValueError(f"quota {quota:g}% selects no row: it is less than one of the {rows} rows of {of} "
+                         f"(the smallest quota that selects one is {_smallest_quota(rows):g}%)")
     return target_pos_from_counts(counts, quota, strategy)
 
 
@@ -199,7 +201,7 @@ def _vote_counts(attributions: Any, quota: float, strategy: str, chunk_size: int
 
     device = attributions.device if isinstance(attributions, torch.Tensor) else torch.device("cpu")
     counts = torch.zeros(num_layers, hidden, dtype=torch.int64, device=device)
-    k = layer_quota(hidden, quota) if strategy == "layer_balanced" else total_quota(num_layers, hidden, quota)
+    k = _votes_per_sample(strategy, num_layers, hidden, quota)
     if k == 0:  # the quota rounds to no row: nobody votes (the original returns empty lists too)
         return counts
 

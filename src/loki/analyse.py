@@ -400,7 +400,7 @@ def run_analysis(args: AnalyseArgs, model=None, tokenizer=None) -> Path:
                     max_samples_per_subset=args.max_samples_per_subset, num_samples=len(questions),
                     batch_size=args.batch_size, world_size=world)
     output = Path(args.output)
-    target = output if world == 1 else output.with_name(f"{output.stem}.part{rank}-of-{world}{output.suffix}")
+    target = output if world == 1 else _part(output, rank, world)
     mine = _block(len(questions), rank, world)
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -430,19 +430,20 @@ def run_analysis(args: AnalyseArgs, model=None, tokenizer=None) -> Path:
                 for start in range(0, len(todo), args.batch_size):
                     batch = todo[start:start + args.batch_size]
                     ids, mask = left_pad([prompts[i] for i in batch], pad_id)
-                    scores = kva.attribute(model, ids.to(device), mask.to(device), steps=args.steps,
-                                           method=args.method, semantics=args.semantics,
-                                           max_batch_rows=args.max_batch_rows)
-                    writer.append(scores.float().cpu())
+                    attributions = kva.attribute(model, ids.to(device), mask.to(device), steps=args.steps,
+                                                 method=args.method, semantics=args.semantics,
+                                                 max_batch_rows=args.max_batch_rows)
+                    writer.append(attributions.float().cpu())
                     bar.update(len(batch))
                 bar.close()
-            verify(target, len(mine))
+            if todo:  # what was there before was read back above
+                verify(target, len(mine))
         if world > 1:
             import torch.distributed as dist
 
             dist.barrier()
             if rank == 0:
-                parts = [output.with_name(f"{output.stem}.part{r}-of-{world}{output.suffix}") for r in range(world)]
+                parts = [_part(output, r, world) for r in range(world)]
                 with FileLock(output):
                     concat_attribution_files(parts, output, overwrite=True)
                     verify(output, len(questions))
@@ -455,6 +456,11 @@ def run_analysis(args: AnalyseArgs, model=None, tokenizer=None) -> Path:
 
             dist.destroy_process_group()
     return output
+
+
+def _part(output: Path, rank: int, world: int) -> Path:
+    """The file one rank of a data-parallel run writes, before rank 0 concatenates them into ``output``."""
+    return output.with_name(f"{output.stem}.part{rank}-of-{world}{output.suffix}")
 
 
 def _prompts(questions, shots_by_subject, shots: int, tokenizer, positions: Optional[int]) -> list[list[int]]:
