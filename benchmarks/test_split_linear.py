@@ -9,7 +9,11 @@ Providers (each built, warmed up and measured for memory outside the timed regio
 
 Modes: ``forward`` (plain forward under ``torch.no_grad()``) and ``fwd_bwd`` (forward, then
 ``y.backward(dy)`` with a fixed random ``dy``; ``x`` requires grad; every gradient is set to ``None``
-before each round, outside the timed region).
+before each round, outside the timed region), and one mode per backward op, which ``backend="auto"``
+chooses from (``benchmarks/choose_backends.py``): ``grad_input`` (``dX = dY W``: the Triton kernel vs
+``dY @ W`` on the written-back weight; dense is the same product) and ``grad_weight`` (``dW`` of the active
+rows: the Triton kernel with its fused column gather vs ``index_select`` + ``matmul``; dense is the full
+``dYᵀ X``). The reference provider runs ``forward`` and ``fwd_bwd`` only.
 
 On CUDA the layers are bf16 at Llama-3.1-8B and Qwen2.5-0.5B ``down_proj`` shapes; on a CPU-only machine
 they are fp32 at the Qwen2.5-0.5B shape with 512 tokens plus one small shape, kept short enough for CI.
@@ -68,7 +72,8 @@ CPU_CASES = [
 ]
 CASES = CUDA_CASES if CUDA else CPU_CASES
 
-MODES = ["forward", "fwd_bwd"]
+MODES = ["forward", "fwd_bwd", "grad_input", "grad_weight"]
+OP_MODES = ("grad_input", "grad_weight")
 PROVIDERS = [
     pytest.param(
         "fused",
@@ -105,6 +110,8 @@ def _build(case: Case, mode: str, provider: str) -> tuple[Callable[[], None], Ca
 
     params = [p for p in module.parameters() if p.requires_grad]
 
+    if mode in OP_MODES:
+        return _op_step(case, mode, provider, module, x, dy), lambda: None, []
     if mode == "forward":
 
         def step():
@@ -129,10 +136,34 @@ def _build(case: Case, mode: str, provider: str) -> tuple[Callable[[], None], Ca
     return step, reset, grads
 
 
+def _op_step(case: Case, mode: str, provider: str, module, x, dy) -> Callable[[], None]:
+    """One backward op alone, as each backend computes it (no autograd)."""
+    from loki_kernels.ops.split_linear import dense_weight, triton_grad_input, triton_grad_weight
+
+    x2d, dy2d = x.reshape(-1, case.d_ff), dy.reshape(-1, case.hidden)
+    if provider == "dense":
+        weight = module.weight.detach()
+        if mode == "grad_input":
+            return lambda: dy2d @ weight
+        return lambda: dy2d.t() @ x2d
+    pos, index_map = module.active_pos, module.index_map
+    weight_active = module.weight_active.detach()
+    if mode == "grad_input":
+        if provider == "fused":
+            return lambda: triton_grad_input(dy2d, module.weight, weight_active, index_map)
+        dense = dense_weight(module.weight, weight_active, pos, index_map)[0]  # as the forward left it
+        return lambda: dy2d @ dense
+    if provider == "fused":
+        return lambda: triton_grad_weight(dy2d, x2d, pos)
+    return lambda: dy2d.index_select(1, pos).t() @ x2d
+
+
 def _flops(case: Case, mode: str, provider: str) -> tuple[int, str]:
     t, h, d, k = case.tokens, case.hidden, case.d_ff, case.active
-    if mode == "forward":
+    if mode in ("forward", "grad_input"):
         return 2 * t * h * d, "2THD"
+    if mode == "grad_weight":
+        return (2 * t * h * d, "2THD (all rows)") if provider == "dense" else (2 * t * k * d, "2TkD")
     if provider == "dense":
         return 6 * t * h * d, "6THD"  # Y, dX and the full dW
     # "Useful" FLOPs of a split layer: Y (2THD) + dX (2THD) + dW for the k active rows only (2TkD), i.e.
@@ -159,6 +190,8 @@ def _peak_mib(step: Callable[[], None], reset: Callable[[], None]) -> float:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_split_linear(benchmark, case: Case, mode: str, provider: str):
+    if provider == "reference" and mode in OP_MODES:
+        pytest.skip("the reference is timed as a whole layer (forward, fwd_bwd)")
     step, reset, grads = _build(case, mode, provider)
 
     # Untimed: one call compiles/autotunes the Triton kernels and warms cuBLAS, a second measures memory.

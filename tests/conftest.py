@@ -17,8 +17,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64."""
-    out, ref = out.double(), ref.double()
+    """‖out − ref‖ / ‖ref‖ in float64, on the CPU (``out`` may live on the GPU, ``ref`` is built on the CPU)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 

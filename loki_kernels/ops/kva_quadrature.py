@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..backend import resolve_backend, triton_available
-from .common import compute_dtype, contiguous_rows, device_guard
+from .common import Launch, compute_dtype, contiguous_rows, device_guard
 
 __all__ = ["METHODS", "quadrature", "interpolate", "weighted_grad_sum"]
 
@@ -132,6 +132,33 @@ def _block(h: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(h)))
 
 
+def interpolate_launch(x: Tensor, alphas: Tensor, baseline: Optional[Tensor], out: Tensor) -> Launch:
+    """``out[g*m + k] = b[g] + alphas[k] (x[g] - b[g])``; rows of ``x``/``baseline`` contiguous."""
+    (g, h), m = x.shape, alphas.numel()
+    b = x if baseline is None else baseline  # never read without a baseline
+    block = _block(h)
+    return Launch(
+        "kva.interpolate", _interpolate_kernel, (triton.cdiv(h, block), g),  # column blocks on axis 0: no 65535 limit
+        (x, b, alphas, out, h, m, x.stride(0), b.stride(0), out.stride(0)),
+        dict(HAS_BASE=baseline is not None, COMPUTE=tl.float64 if alphas.dtype == torch.float64 else tl.float32,
+             BLOCK=block),
+    )
+
+
+def weighted_grad_sum_launch(grads: Tensor, weights: Tensor, x: Tensor, baseline: Optional[Tensor],
+                             out: Tensor) -> Launch:
+    """``out[g] = (x[g] - b[g]) ⊙ Σ_k weights[k] grads[g*m + k]``, accumulated in ``weights``' dtype."""
+    (g, h), m = x.shape, weights.numel()
+    b = x if baseline is None else baseline
+    block = _block(h)
+    return Launch(
+        "kva.weighted_grad_sum", _weighted_grad_sum_kernel, (triton.cdiv(h, block), g),
+        (grads, weights, x, b, out, h, m, grads.stride(0), x.stride(0), b.stride(0), out.stride(0)),
+        dict(HAS_BASE=baseline is not None, ACC=tl.float64 if weights.dtype == torch.float64 else tl.float32,
+             BLOCK=block),
+    )
+
+
 def _check_groups(name: str, x: Tensor, baseline: Optional[Tensor]) -> None:
     if x.dim() != 2:
         raise ValueError(f"{name}: x must be [G, H], got shape {tuple(x.shape)}")
@@ -161,14 +188,10 @@ def _interpolate_triton(x: Tensor, alphas: Tensor, baseline: Optional[Tensor], o
         return out
     dt = compute_dtype(x, baseline)
     x = contiguous_rows(x)
-    b = contiguous_rows(baseline) if baseline is not None else x
+    b = contiguous_rows(baseline) if baseline is not None else None
     a = alphas.to(x.device, dt).contiguous()
-    block = _block(h)
     with device_guard(x):
-        _interpolate_kernel[(triton.cdiv(h, block), g)](  # column blocks on axis 0: no 65535 limit
-            x, b, a, out, h, m, x.stride(0), b.stride(0), out.stride(0),
-            HAS_BASE=baseline is not None, COMPUTE=tl.float64 if dt == torch.float64 else tl.float32, BLOCK=block,
-        )
+        interpolate_launch(x, a, b, out)()
     return out
 
 
@@ -216,14 +239,10 @@ def _weighted_grad_sum_triton(grads: Tensor, weights: Tensor, x: Tensor, baselin
         return out.zero_()
     dt = compute_dtype(grads, x, baseline)
     grads, x = contiguous_rows(grads), contiguous_rows(x)
-    b = contiguous_rows(baseline) if baseline is not None else x
+    b = contiguous_rows(baseline) if baseline is not None else None
     w = weights.to(x.device, dt).contiguous()
-    block = _block(h)
     with device_guard(x):
-        _weighted_grad_sum_kernel[(triton.cdiv(h, block), g)](
-            grads, w, x, b, out, h, m, grads.stride(0), x.stride(0), b.stride(0), out.stride(0),
-            HAS_BASE=baseline is not None, ACC=tl.float64 if dt == torch.float64 else tl.float32, BLOCK=block,
-        )
+        weighted_grad_sum_launch(grads, w, x, b, out)()
     return out
 
 

@@ -30,10 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backend import interpreting, resolve_backend, triton_available
-from .common import device_guard, upcast_operands
+from ..backend import interpreting, resolve_plan, triton_available
+from .common import Launch, device_guard, rows_aligned, shared_memory_limit, upcast_operands
 
-__all__ = ["split_linear", "make_index_map", "ordered_rows", "write_back_", "SplitLinearFunction"]
+__all__ = [
+    "split_linear", "choose_plan", "make_index_map", "ordered_rows", "write_back_", "dense_weight",
+    "SplitLinearFunction", "OPS",
+]
+
+# The three ops of a training step, each with its own implementation choice (``backend="auto"``).
+OPS = ("forward", "grad_input", "grad_weight")
 
 
 def make_index_map(active_pos: Tensor, out_features: int, *, compact: bool = False) -> Tensor:
@@ -95,14 +101,53 @@ if triton_available():
         (128, 64, 64, 4, 4),
         (64, 64, 64, 4, 4),
     ]
+    # grad_weight gathers dY's active columns element by element: one address register per element, so
+    # large BLOCK_P x BLOCK_M tiles spill (the ahead-of-time check shows it); it gets tiles of its own.
+    _GATHER_TILES = [
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 128, 32, 4, 4),
+        (32, 128, 64, 4, 4),
+    ]
 
-    def _tuned(rows: str, cols: str, reduced: str, key: list[str]):
-        """Autotune over ``_TILES`` with the kernel's own block names; one small tile under the interpreter."""
+    def _tuned(rows: str, cols: str, reduced: str, key: list[str], tiles=None):
+        """Autotune over the tiles that fit the GPU (:func:`fits`), with the kernel's own block names.
+
+        Under the interpreter: one small tile.
+        """
         names = (f"BLOCK_{rows}", f"BLOCK_{cols}", f"BLOCK_{reduced}")
         configs = [triton.Config({**dict(zip(names, tile[:3])), "GROUP": 8}, num_stages=tile[3], num_warps=tile[4])
-                   for tile in _TILES]
+                   for tile in tiles or _TILES]
         small = triton.Config({**dict.fromkeys(names, 16), "GROUP": 2})
-        return autotune(configs, key, small)
+
+        def prune(configs, nargs, **kwargs):
+            operand = next(v for v in nargs.values() if isinstance(v, Tensor))
+            major = torch.cuda.get_device_capability(operand.device)[0]
+            limit = shared_memory_limit(operand.device)
+            kept = [c for c in configs if fits(c, operand.element_size(), limit, major)]
+            return kept or configs[-1:]  # the smallest tile; compiling it reports the real error, if any
+
+        return autotune(configs, key, small, prune=prune)
+
+    def block_sizes(config) -> tuple[int, int, int]:
+        """``(rows, cols, reduced)`` block sizes of a config made by ``_tuned``, in that order."""
+        rows, cols, reduced = (v for k, v in config.kwargs.items() if k.startswith("BLOCK_"))
+        return rows, cols, reduced
+
+    def fits(config, element_size: int, shared_memory: int, capability_major: int) -> bool:
+        """Whether ``config`` suits a GPU with ``shared_memory`` bytes per block and this compute capability.
+
+        Shared memory: ``num_stages`` buffers of both operand tiles must fit (an estimate; the ahead-of-time
+        check, :mod:`loki_kernels.ops.aot`, reads the real figure from the compiled kernel). Registers:
+        before Hopper (``mma.sync``, operands in registers) a tile whose rows·cols·reduced bytes per thread
+        exceed 8 KiB spills, as the ahead-of-time check shows for sm_80; Hopper's ``wgmma`` reads operands
+        from shared memory and takes them all.
+        """
+        rows, cols, reduced = block_sizes(config)
+        if config.num_stages * (rows + cols) * reduced * element_size > shared_memory:
+            return False
+        threads = 32 * config.num_warps
+        return capability_major >= 9 or rows * cols * reduced * element_size // threads <= 8192
 
     @triton.jit
     def _tile(pid, ROWS, COLS, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, GROUP: tl.constexpr):
@@ -117,13 +162,18 @@ if triton_available():
         return pid_rows, pid_cols
 
     @triton.jit
-    def _weight_rows(src, num_active, w_ptr, wa_ptr, stride_wn, stride_wk, stride_an, stride_ak):
-        """Start pointer and K-stride of each weight row ``index_map[n] = src``: active or frozen."""
-        active = src < num_active
+    def _weight_tile(src, offs_k, num_active, w_ptr, wa_ptr, stride_wn, stride_an):
+        """``[rows, len(offs_k)]`` pointers to ``W[n, offs_k]`` for the rows ``src = index_map[n]``.
+
+        Each row starts in one of two tensors (active or frozen), so its start is a ``tl.where`` between two
+        base pointers, which tells Triton nothing about alignment: without the hint, every element would
+        be a 2-byte scalar load. The launchers run these kernels only on weights whose rows are K-contiguous,
+        16-byte aligned and 16-byte strided (:func:`~loki_kernels.ops.common.rows_aligned`), which makes the
+        hint true; then the tiles load as 16-byte vectors (the ahead-of-time check counts them).
+        """
         src = src.to(tl.int64)
-        start = tl.where(active, wa_ptr + src * stride_an, w_ptr + (src - num_active) * stride_wn)
-        kstride = tl.where(active, stride_ak, stride_wk)
-        return start, kstride
+        start = tl.where(src < num_active, wa_ptr + src * stride_an, w_ptr + (src - num_active) * stride_wn)
+        return tl.multiple_of(start, 16)[:, None] + offs_k[None, :]
 
     @triton.jit
     def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -137,7 +187,7 @@ if triton_available():
     def _forward_kernel(
         x_ptr, w_ptr, wa_ptr, map_ptr, b_ptr, ba_ptr, y_ptr,
         M, N, K, M_BUCKET, NUM_ACTIVE,
-        stride_xm, stride_xk, stride_wn, stride_wk, stride_an, stride_ak, stride_ym, stride_yn,
+        stride_xm, stride_xk, stride_wn, stride_an, stride_ym, stride_yn,
         HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
     ):
@@ -149,18 +199,16 @@ if triton_available():
         mask_m = offs_m < M
         mask_n = offs_n < N
         src = tl.load(map_ptr + offs_n, mask=mask_n, other=NUM_ACTIVE)
-        w_start, w_kstride = _weight_rows(src, NUM_ACTIVE, w_ptr, wa_ptr, stride_wn, stride_wk, stride_an, stride_ak)
-
         x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-        w_ptrs = w_start[None, :] + offs_k[:, None] * w_kstride[None, :]  # [BLOCK_K, BLOCK_N] = Wᵀ tile
+        w_ptrs = _weight_tile(src, offs_k, NUM_ACTIVE, w_ptr, wa_ptr, stride_wn, stride_an)  # [BLOCK_N, BLOCK_K]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         for kk in range(0, tl.cdiv(K, BLOCK_K)):
             k_left = K - kk * BLOCK_K
             x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            w = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-            acc = _dot(x, w, acc, UPCAST, PRECISION)
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            acc = _dot(x, tl.trans(w), acc, UPCAST, PRECISION)
             x_ptrs += BLOCK_K * stride_xk
-            w_ptrs += BLOCK_K * w_kstride[None, :]
+            w_ptrs += BLOCK_K
 
         if HAS_BIAS:
             active = src < NUM_ACTIVE
@@ -178,7 +226,7 @@ if triton_available():
     def _grad_input_kernel(
         dy_ptr, w_ptr, wa_ptr, map_ptr, dx_ptr,
         M, N, K, M_BUCKET, NUM_ACTIVE,
-        stride_dym, stride_dyn, stride_wn, stride_wk, stride_an, stride_ak, stride_dxm, stride_dxk,
+        stride_dym, stride_dyn, stride_wn, stride_an, stride_dxm, stride_dxk,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
     ):
@@ -193,21 +241,19 @@ if triton_available():
             offs_n = nn * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
             src = tl.load(map_ptr + offs_n, mask=mask_n, other=NUM_ACTIVE)
-            w_start, w_kstride = _weight_rows(src, NUM_ACTIVE, w_ptr, wa_ptr, stride_wn, stride_wk, stride_an,
-                                              stride_ak)
             dy = tl.load(
                 dy_ptr + offs_m[:, None].to(tl.int64) * stride_dym + offs_n[None, :] * stride_dyn,
                 mask=mask_m[:, None] & mask_n[None, :], other=0.0,
             )
             w = tl.load(
-                w_start[:, None] + offs_k[None, :] * w_kstride[:, None],
+                _weight_tile(src, offs_k, NUM_ACTIVE, w_ptr, wa_ptr, stride_wn, stride_an),
                 mask=mask_n[:, None] & mask_k[None, :], other=0.0,
             )
             acc = _dot(dy, w, acc, UPCAST, PRECISION)
         dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
-    @_tuned("P", "K", "M", key=["M_BUCKET", "P", "K"])
+    @_tuned("P", "K", "M", key=["M_BUCKET", "P", "K"], tiles=_GATHER_TILES)
     @triton.jit
     def _grad_weight_kernel(
         dy_ptr, x_ptr, pos_ptr, dw_ptr,
@@ -247,20 +293,75 @@ def _bucket(m: int) -> int:
     return 8192
 
 
-def _kernel_flags(dtype: torch.dtype) -> dict:
+def triton_runs(op: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the Triton kernel of ``op`` (one of :data:`OPS`) takes ``dtype`` on ``device``.
+
+    fp16/bf16 always. fp32 only for the forward, as tf32, and only when
+    ``torch.backends.cuda.matmul.allow_tf32`` allows it: Triton's exact fp32 product runs on plain FMAs,
+    far below cuBLAS; and Hopper's tf32 ``wgmma`` needs both operands K-major in shared memory, so the
+    gradient kernels (whose weight or input tile is reduction-major) would load it 4 bytes at a time (the
+    ahead-of-time check shows it). Those run PyTorch, where cuBLAS follows the same tf32 flag. fp64 never
+    runs Triton on a GPU. Under the interpreter (CPU tensors, tests) every op takes every dtype, exact.
+    """
+    if device.type != "cuda":
+        return interpreting()
     if dtype == torch.float32:
-        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 and not interpreting() else "ieee"
-    else:
-        precision = "ieee"
+        return op == "forward" and torch.backends.cuda.matmul.allow_tf32
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def _kernel_flags(dtype: torch.dtype) -> dict:
     return {
         "UPCAST": upcast_operands(dtype),
-        "PRECISION": precision,
+        "PRECISION": "ieee" if interpreting() or dtype != torch.float32 else "tf32",
         "ACC": tl.float64 if dtype == torch.float64 else tl.float32,
     }
 
 
 def _grid(rows: int, cols: int, block_rows: str, block_cols: str):
     return lambda meta: (triton.cdiv(rows, meta[block_rows]) * triton.cdiv(cols, meta[block_cols]),)
+
+
+def forward_launch(x: Tensor, weight: Tensor, weight_active: Tensor, index_map: Tensor,
+                   bias: Optional[Tensor], bias_active: Optional[Tensor], y: Tensor) -> Launch:
+    """``y = x Wᵀ (+ b)`` for a 2-D ``x [M, K]`` into ``y [M, N]``; M, N, K > 0; weights :func:`rows_aligned`."""
+    (m, k), n = x.shape, index_map.numel()
+    has_bias = bias is not None
+    b = bias if has_bias else weight  # never read when HAS_BIAS is False
+    ba = bias_active if has_bias else weight
+    return Launch(
+        "split_linear.forward", _forward_kernel, _grid(m, n, "BLOCK_M", "BLOCK_N"),
+        (x, weight, weight_active, index_map, b, ba, y,
+         m, n, k, _bucket(m), weight_active.shape[0],
+         x.stride(0), x.stride(1), weight.stride(0), weight_active.stride(0), y.stride(0), y.stride(1)),
+        dict(HAS_BIAS=has_bias, **_kernel_flags(x.dtype)),
+    )
+
+
+def grad_input_launch(grad_out: Tensor, weight: Tensor, weight_active: Tensor, index_map: Tensor,
+                      dx: Tensor) -> Launch:
+    """``dx = dY W`` for ``grad_out [M, N]`` into ``dx [M, K]``; M, N, K > 0; weights :func:`rows_aligned`."""
+    (m, n), k = grad_out.shape, weight.shape[1]
+    return Launch(
+        "split_linear.grad_input", _grad_input_kernel, _grid(m, k, "BLOCK_M", "BLOCK_K"),
+        (grad_out, weight, weight_active, index_map, dx,
+         m, n, k, _bucket(m), weight_active.shape[0],
+         grad_out.stride(0), grad_out.stride(1), weight.stride(0), weight_active.stride(0),
+         dx.stride(0), dx.stride(1)),
+        _kernel_flags(grad_out.dtype),
+    )
+
+
+def grad_weight_launch(grad_out: Tensor, x: Tensor, active_pos: Tensor, dw: Tensor) -> Launch:
+    """``dw = dY[:, active_pos]ᵀ X`` into ``dw [P, K]``; M, P, K > 0."""
+    (m, k), p = x.shape, active_pos.numel()
+    return Launch(
+        "split_linear.grad_weight", _grad_weight_kernel, _grid(p, k, "BLOCK_P", "BLOCK_K"),
+        (grad_out, x, active_pos, dw,
+         m, p, k, _bucket(m),
+         grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1), dw.stride(0), dw.stride(1)),
+        _kernel_flags(x.dtype),
+    )
 
 
 # The launchers are torch.library custom ops, so torch.compile sees them as opaque calls.
@@ -276,17 +377,8 @@ def triton_forward(
         return y
     if k == 0:
         return y.zero_() if bias is None else y.copy_(ordered_rows(bias_active, bias, index_map).expand(m, n))
-    has_bias = bias is not None
-    b = bias if has_bias else weight  # never read when HAS_BIAS is False
-    ba = bias_active if has_bias else weight
     with device_guard(x):
-        _forward_kernel[_grid(m, n, "BLOCK_M", "BLOCK_N")](
-            x, weight, weight_active, index_map, b, ba, y,
-            m, n, k, _bucket(m), weight_active.shape[0],
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            weight_active.stride(0), weight_active.stride(1), y.stride(0), y.stride(1),
-            HAS_BIAS=has_bias, **_kernel_flags(x.dtype),
-        )
+        forward_launch(x, weight, weight_active, index_map, bias, bias_active, y)()
     return y
 
 
@@ -305,13 +397,7 @@ def triton_grad_input(grad_out: Tensor, weight: Tensor, weight_active: Tensor, i
     if n == 0:
         return dx.zero_()
     with device_guard(grad_out):
-        _grad_input_kernel[_grid(m, k, "BLOCK_M", "BLOCK_K")](
-            grad_out, weight, weight_active, index_map, dx,
-            m, n, k, _bucket(m), weight_active.shape[0],
-            grad_out.stride(0), grad_out.stride(1), weight.stride(0), weight.stride(1),
-            weight_active.stride(0), weight_active.stride(1), dx.stride(0), dx.stride(1),
-            **_kernel_flags(grad_out.dtype),
-        )
+        grad_input_launch(grad_out, weight, weight_active, index_map, dx)()
     return dx
 
 
@@ -330,12 +416,7 @@ def triton_grad_weight(grad_out: Tensor, x: Tensor, active_pos: Tensor) -> Tenso
     if m == 0:
         return dw.zero_()
     with device_guard(x):
-        _grad_weight_kernel[_grid(p, k, "BLOCK_P", "BLOCK_K")](
-            grad_out, x, active_pos, dw,
-            m, p, k, _bucket(m),
-            grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1), dw.stride(0), dw.stride(1),
-            **_kernel_flags(x.dtype),
-        )
+        grad_weight_launch(grad_out, x, active_pos, dw)()
     return dw
 
 
@@ -347,25 +428,36 @@ def _(grad_out, x, active_pos):
 # --------------------------------------------------------------------------------------------------
 # autograd
 # --------------------------------------------------------------------------------------------------
+def dense_weight(weight: Tensor, weight_active: Tensor, active_pos: Tensor, index_map: Tensor,
+                 bias: Optional[Tensor] = None, bias_active: Optional[Tensor] = None):
+    """The layer's whole ``(weight, bias)`` for a dense GEMM: a full ``weight`` gets its active rows written
+    back in place (no copy); a compact one is assembled for the call."""
+    if weight.shape[0] == index_map.numel():
+        write_back_(weight, weight_active, active_pos, bias, bias_active)
+        return weight, bias
+    return (ordered_rows(weight_active, weight, index_map),
+            None if bias is None else ordered_rows(bias_active, bias, index_map))
+
+
 class SplitLinearFunction(torch.autograd.Function):
-    """``x [..., K] -> y [..., N]``. Gradients flow to ``x``, ``weight_active`` and ``bias_active`` only."""
+    """``x [..., K] -> y [..., N]``. Gradients flow to ``x``, ``weight_active`` and ``bias_active`` only.
+
+    ``plan`` names the implementation of each op: ``(forward, grad_input, grad_weight)``, each ``"triton"`` or
+    ``"torch"`` (:func:`loki_kernels.backend.resolve_plan`).
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, weight_active, bias, bias_active, active_pos, index_map, backend):
+    def forward(ctx, x, weight, weight_active, bias, bias_active, active_pos, index_map, plan):
         x2d = x.reshape(-1, x.shape[-1])
-        full = weight.shape[0] == index_map.numel()
-        if backend == "triton":
+        dense = None
+        if plan[0] == "triton":
             y = triton_forward(x2d, weight, weight_active, index_map, bias, bias_active)
-        elif full:
-            write_back_(weight, weight_active, active_pos, bias, bias_active)
-            y = F.linear(x2d, weight, bias)
-        else:  # compact layout: the whole weight, for this call only
-            weight = ordered_rows(weight_active, weight, index_map)
-            bias = None if bias is None else ordered_rows(bias_active, bias, index_map)
-            y = F.linear(x2d, weight, bias)
-        # The frozen weight is held as an attribute: the torch path rewrites its active rows on every
-        # call, which is harmless (same values) but would trip save_for_backward's version check.
-        ctx.weight, ctx.backend, ctx.x_shape = weight, backend, x.shape
+        else:
+            dense, dense_bias = dense_weight(weight, weight_active, active_pos, index_map, bias, bias_active)
+            y = F.linear(x2d, dense, dense_bias)
+        # The weights are held as attributes: the torch path rewrites the active rows of a full weight on
+        # every call, which is harmless (same values) but would trip save_for_backward's version check.
+        ctx.weight, ctx.dense, ctx.plan, ctx.x_shape = weight, dense, plan, x.shape
         ctx.save_for_backward(
             x2d if ctx.needs_input_grad[2] else None,
             weight_active if ctx.needs_input_grad[0] else None,
@@ -380,19 +472,37 @@ class SplitLinearFunction(torch.autograd.Function):
         dy = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_wa = grad_ba = None
         if ctx.needs_input_grad[0]:
-            if ctx.backend == "triton":
+            if ctx.plan[1] == "triton":
                 grad_x = triton_grad_input(dy, ctx.weight, weight_active, index_map)
             else:
-                grad_x = dy @ ctx.weight
+                dense = ctx.dense
+                if dense is None:  # the forward ran Triton and left the full weight's active rows stale
+                    dense = dense_weight(ctx.weight, weight_active, active_pos, index_map)[0]
+                grad_x = dy @ dense
             grad_x = grad_x.view(ctx.x_shape)
         if ctx.needs_input_grad[2]:
-            if ctx.backend == "triton":
+            if ctx.plan[2] == "triton":
                 grad_wa = triton_grad_weight(dy, x2d, active_pos)
             else:
                 grad_wa = dy.index_select(1, active_pos).t() @ x2d
         if ctx.needs_input_grad[4]:
             grad_ba = dy.index_select(1, active_pos).sum(0)
         return grad_x, None, grad_wa, None, grad_ba, None, None, None
+
+
+def choose_plan(x: Tensor, weight: Tensor, weight_active: Tensor, backend: str = "auto") -> tuple[str, str, str]:
+    """``"triton"`` or ``"torch"`` for each of :data:`OPS`, for these operands.
+
+    ``backend`` decides (:func:`loki_kernels.backend.resolve_plan`), except where a Triton kernel does not
+    take the operands: a dtype it does not run (:func:`triton_runs`), or, for the forward and dX kernels,
+    which read weight rows as 16-byte vectors, weights that are not :func:`rows_aligned` (a transposed view,
+    an offset slice, K not a multiple of 8 fp16/bf16 or 4 fp32 elements). Those ops run PyTorch.
+    """
+    aligned = rows_aligned(weight, weight_active)
+    return tuple(
+        choice if triton_runs(op, x.dtype, x.device) and (aligned or op == "grad_weight") else "torch"
+        for op, choice in zip(OPS, resolve_plan(backend, x.device, OPS))
+    )
 
 
 def _check_inputs(x, weight, weight_active, active_pos, bias, bias_active, index_map):
@@ -460,6 +570,6 @@ def split_linear(
         if bias is not None:
             bias, bias_active = bias.to(dtype), bias_active.to(dtype)
     _check_inputs(x, weight, weight_active, active_pos, bias, bias_active, index_map)
-    backend = resolve_backend(backend, x.device)
+    plan = choose_plan(x, weight, weight_active, backend)
     with torch.autocast(device_type, enabled=False):
-        return SplitLinearFunction.apply(x, weight, weight_active, bias, bias_active, active_pos, index_map, backend)
+        return SplitLinearFunction.apply(x, weight, weight_active, bias, bias_active, active_pos, index_map, plan)

@@ -46,8 +46,8 @@ def _write(records, path):
                      ).to_csv(path, index=False)
     elif path.suffix == ".parquet":
         pd.DataFrame(records).to_parquet(path)
-    else:  # a datasets dataset saved with save_to_disk
-        from datasets import Dataset
+    else:  # a datasets dataset saved with save_to_disk (the [data] extra; CI installs it)
+        Dataset = pytest.importorskip("datasets").Dataset
 
         Dataset.from_list(records).save_to_disk(str(path))
     return path

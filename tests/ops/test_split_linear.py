@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 from loki_kernels import SplitLinear, split_linear
-from loki_kernels.backend import ENV_VAR, resolve_backend
-from loki_kernels.ops.split_linear import make_index_map
+from loki_kernels.backend import ENV_VAR, resolve_backend, resolve_plan
+from loki_kernels.ops.split_linear import OPS, choose_plan, make_index_map, triton_runs
 from loki_kernels.reference import LoKILinear
 from tests.conftest import DEVICE, TOL, rel_err
 
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-N, K = 29, 53  # out (hidden) and in (d_ff) features
+N, K = 29, 56  # out (hidden) and in (d_ff) features: odd N; K-rows of 16-byte multiples (the kernels need them)
 
 
 def _rows(kind: str, n: int = N) -> torch.Tensor:
@@ -178,10 +178,10 @@ def test_transposed_weight_view(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend):
     rows = torch.tensor([0, 4, 5, 11], device=DEVICE)
-    w = torch.randn(13, 7, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(13, 6, dtype=torch.float64, device=DEVICE)
     b = torch.randn(13, dtype=torch.float64, device=DEVICE)
-    x = torch.randn(5, 7, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    wa = torch.randn(4, 7, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    x = torch.randn(5, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    wa = torch.randn(4, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
     ba = torch.randn(4, dtype=torch.float64, device=DEVICE, requires_grad=True)
 
     def fn(x, wa, ba):
@@ -214,7 +214,7 @@ def test_autocast_casts_like_linear():
 
 def test_bad_inputs_are_named():
     inputs, _, _ = _case(torch.float32, _rows("some"), bias=True)
-    with pytest.raises(ValueError, match="x has 52 features"):
+    with pytest.raises(ValueError, match="x has 55 features"):
         split_linear(**{**inputs, "x": inputs["x"][..., :-1]})
     with pytest.raises(ValueError, match="weight_active has shape"):
         split_linear(**{**inputs, "weight_active": inputs["weight_active"][:-1]})
@@ -242,3 +242,46 @@ def test_backend_resolution(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         resolve_backend("triton", cpu)
+
+
+def test_plan_follows_the_operands():
+    """Forward and dX kernels take only 16-byte-aligned, K-contiguous weight rows; other layouts run PyTorch."""
+    inputs, dy, ref = _case(torch.float16, _rows("some"), bias=False)
+    x, w, wa = inputs["x"], inputs["weight"], inputs["weight_active"]
+    triton = "triton"  # on CUDA, or on the CPU under the interpreter (tests/conftest.py)
+    assert choose_plan(x, w, wa, "triton") == (triton,) * 3
+    assert choose_plan(x, w, wa, "torch") == ("torch",) * 3
+    offset = torch.empty(N, K + 1, dtype=w.dtype, device=w.device)[:, 1:]  # rows start 2 bytes in
+    offset.copy_(w)
+    transposed = w.t().contiguous().t()
+    for weight in (offset, transposed):
+        assert choose_plan(x, weight, wa, "triton") == ("torch", "torch", triton)
+        y = split_linear(**{**inputs, "weight": weight}, backend="triton")
+        y.backward(dy)
+        assert rel_err(y, ref["y"]) < TOL[torch.float16]
+        assert rel_err(inputs["weight_active"].grad, ref["dwa"]) < TOL[torch.float16]
+        inputs["weight_active"].grad = None
+
+
+def test_triton_runs_which_dtypes_on_a_gpu(monkeypatch):
+    cuda = torch.device("cuda")  # only the rule is asked: no GPU needed
+    for dtype in (torch.float16, torch.bfloat16):
+        assert all(triton_runs(op, dtype, cuda) for op in OPS)
+    assert not any(triton_runs(op, torch.float64, cuda) for op in OPS)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert [triton_runs(op, torch.float32, cuda) for op in OPS] == [True, False, False]  # tf32 forward only
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert not any(triton_runs(op, torch.float32, cuda) for op in OPS)
+
+
+def test_auto_takes_each_ops_measured_choice(monkeypatch):
+    import loki_kernels.backend as backend
+
+    cuda = torch.device("cuda")
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    monkeypatch.setattr(backend, "CHOICES", {"split_linear.forward": "torch", "split_linear.grad_weight": "triton"})
+    assert resolve_plan("auto", cuda, OPS) == ("torch", "torch", "triton")  # grad_input: unmeasured -> torch
+    assert resolve_plan("triton", cuda, OPS) == ("triton",) * 3  # named explicitly: every op
+    monkeypatch.setenv(ENV_VAR, "triton")
+    assert resolve_plan("auto", cuda, OPS) == ("triton",) * 3  # the environment replaces "auto" likewise
