@@ -155,7 +155,7 @@ def _op_step(case: Case, mode: str, provider: str, module, x, dy) -> Callable[[]
         return lambda: dy2d @ dense
     if provider == "fused":
         return lambda: triton_grad_weight(dy2d, x2d, pos)
-    return lambda: dy2d.index_select(1, pos).t() @ x2d
+    return lambda: dy2d.t().index_select(0, pos) @ x2d  # as SplitLinearFunction.backward
 
 
 def _flops(case: Case, mode: str, provider: str) -> tuple[int, str]:

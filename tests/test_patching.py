@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from loki_kernels import SplitLinear, count_parameters, find_down_projs, patch_model, unpatch_model
 from loki_kernels.reference import LoKILinear, apply_reference_loki
-from tests.conftest import TOL, rel_err
+from tests.conftest import DEVICE, TOL, rel_err
 from tests.tiny_models import ARCHS, FFN, HIDDEN, LAYERS, batch, logits, random_rows, snapshot, tiny_model, train
 
 
@@ -215,13 +215,15 @@ def test_count_parameters_counts_each_weight_once():
 
 
 def test_triton_backend_patched_model():
-    """The Triton kernels inside a whole model (interpreter on CPU): same logits, same first step."""
-    model = tiny_model()
+    """The Triton kernels inside a whole model (interpreter on CPU): same logits, same first step.
+
+    On a GPU this fp32 model runs the PyTorch path whatever the backend (``triton_runs``)."""
+    model = tiny_model().to(DEVICE)
     twin = copy.deepcopy(model)
     rows = random_rows()
     patch_model(model, rows, backend="triton")
     patch_model(twin, rows, backend="torch")
-    ids = batch(2, 8)
+    ids = batch(2, 8).to(DEVICE)
     assert rel_err(logits(model, ids), logits(twin, ids)) < TOL[torch.float32]
     assert train(model, ids, steps=2) == pytest.approx(train(twin, ids, steps=2), rel=1e-5)
 
@@ -239,12 +241,12 @@ def test_gradient_checkpointing():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_torch_compile(backend):
     """torch.compile traces a patched model (Triton launchers are torch.library ops): same loss and grads."""
-    model = tiny_model()
+    model = tiny_model().to(DEVICE)
     twin = copy.deepcopy(model)
     rows = random_rows()
     patch_model(model, rows, backend=backend)
     patch_model(twin, rows, backend=backend)
-    ids = batch(2, 8)
+    ids = batch(2, 8).to(DEVICE)
     loss = torch.compile(model)(input_ids=ids, labels=ids).loss
     ref = twin(input_ids=ids, labels=ids).loss
     loss.backward()

@@ -483,8 +483,9 @@ class SplitLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             if ctx.plan[2] == "triton":
                 grad_wa = triton_grad_weight(dy, x2d, active_pos)
-            else:
-                grad_wa = dy.index_select(1, active_pos).t() @ x2d
+            else:  # gathered rows of dYᵀ: a [k, M] operand with leading dimension M (dY[:, pos]ᵀ has k,
+                # which for most k is not 16-byte aligned and slows cuBLAS several times)
+                grad_wa = dy.t().index_select(0, active_pos) @ x2d
         if ctx.needs_input_grad[4]:
             grad_ba = dy.index_select(1, active_pos).sum(0)
         return grad_x, None, grad_wa, None, grad_ba, None, None, None
