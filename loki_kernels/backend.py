@@ -64,7 +64,6 @@ def resolve_plan(backend: str, device: torch.device, ops: tuple[str, ...], famil
     """One of ``"triton"``/``"torch"`` per op: ``backend`` for every op, except that ``"auto"`` on CUDA takes
     each op's measured choice (``CHOICES["<family>.<op>"]``; ``"torch"`` where nothing was measured)."""
     resolved = resolve_backend(backend, device)
-    chosen_by_auto = (backend == "auto" and os.environ.get(ENV_VAR, "auto").strip().lower() in ("", "auto"))
-    if not (chosen_by_auto and resolved == "triton"):
+    if resolved == "torch" or backend != "auto" or os.environ.get(ENV_VAR, "auto").strip().lower() not in ("", "auto"):
         return (resolved,) * len(ops)
     return tuple(CHOICES.get(f"{family}.{op}", "torch") for op in ops)

@@ -13,12 +13,18 @@ in one of two layouts:
 ``weight_active[index_map[n]]``, otherwise row ``weight[index_map[n] - k]``. For the compact layout this is
 exactly the original ``LoKILinear.index_map``; for the full layout frozen row ``n`` maps to ``k + n``.
 
+Each of the three ops (:data:`OPS`) runs one of two implementations (:func:`choose_plan`):
+
 * ``"triton"``: three GEMM kernels read every weight row from wherever it lives, so ``weight`` is never
   written: forward ``Y = X Wᵀ``, input gradient ``dX = dY W``, and ``dW_active = dY[:, active_pos]ᵀ X``
-  for the ``k`` active rows only (the column gather of ``dY`` is fused into the kernel's loads).
+  for the ``k`` active rows only (the column gather of ``dY`` is fused into the kernel's loads). They take
+  fp16/bf16 (fp32 forward as tf32) and weights whose rows are K-contiguous and 16-byte aligned.
 * ``"torch"``: full layout: :func:`write_back_` copies the ``k`` active rows into ``weight`` in place, then
   one dense ``F.linear``; compact layout: the whole weight is built for the call. ``dX = dY W``; the weight
-  gradient again only for the active rows.
+  gradient from the gathered rows of ``dYᵀ``, for the active rows only.
+
+``backend="auto"`` on CUDA takes each op's measured choice (:mod:`loki_kernels.backend_choices`); on an
+H100 that is ``"torch"`` for all three (``benchmarks/results/h100-2026-11-25``).
 
 Neither backend concatenates outputs or gathers them back, and neither ever forms a full-size weight
 gradient. Frozen rows get no gradient at all.
@@ -499,10 +505,13 @@ def choose_plan(x: Tensor, weight: Tensor, weight_active: Tensor, backend: str =
     which read weight rows as 16-byte vectors, weights that are not :func:`rows_aligned` (a transposed view,
     an offset slice, K not a multiple of 8 fp16/bf16 or 4 fp32 elements). Those ops run PyTorch.
     """
+    plan = resolve_plan(backend, x.device, OPS)
+    if "triton" not in plan:
+        return plan
     aligned = rows_aligned(weight, weight_active)
     return tuple(
         choice if triton_runs(op, x.dtype, x.device) and (aligned or op == "grad_weight") else "torch"
-        for op, choice in zip(OPS, resolve_plan(backend, x.device, OPS))
+        for op, choice in zip(OPS, plan)
     )
 
 
