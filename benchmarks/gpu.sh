@@ -37,14 +37,14 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, log, never stop the 
 
 TESTS=${TESTS:-"tests/ops tests/test_patching.py tests/test_kva.py tests/test_lora.py tests/loki/test_loki_linear.py"}
 # shellcheck disable=SC2086
-step "${TESTS_S:-240}" tests $PY -m pytest $TESTS -q --maxfail=40 -p no:cacheprovider -n 8 2>&1 \
+step "${TESTS_S:-210}" tests $PY -m pytest $TESTS -q --maxfail=40 -p no:cacheprovider -n 8 2>&1 \
     | grep -v -e PytestBenchmarkWarning -e "warner(" | tee "$RESULTS/tests.log"
-step "${AOT_S:-90}" aot $PY -m loki_kernels.ops.aot --full 2>&1 | tee "$RESULTS/aot.txt" | tail -3
+step "${AOT_S:-60}" aot $PY -m loki_kernels.ops.aot --full 2>&1 | tee "$RESULTS/aot.txt" | tail -3
 {
-    step "${SPLIT_S:-200}" split_linear $PY -m pytest benchmarks/test_split_linear.py --benchmark-only -q \
+    step "${SPLIT_S:-150}" split_linear $PY -m pytest benchmarks/test_split_linear.py --benchmark-only -q \
         -p no:cacheprovider --benchmark-json="$RESULTS/split_linear.json" --benchmark-columns=median,rounds
-    step "${TRAIN_S:-60}" training $PY -m pytest benchmarks/test_training.py --benchmark-only -q \
+    step "${TRAIN_S:-50}" training $PY -m pytest benchmarks/test_training.py --benchmark-only -q \
         -p no:cacheprovider --benchmark-json="$RESULTS/training.json" --benchmark-columns=median,rounds
-    step "${KVA_S:-150}" kva $PY -m pytest benchmarks/test_kva.py --benchmark-only -q \
+    step "${KVA_S:-120}" kva $PY -m pytest benchmarks/test_kva.py --benchmark-only -q \
         -p no:cacheprovider --benchmark-json="$RESULTS/kva.json" --benchmark-columns=median,rounds
 } 2>&1 | tee "$RESULTS/bench.log"
