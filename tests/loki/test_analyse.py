@@ -4,6 +4,7 @@ KVA engine on each prompt alone, resume after an interruption, and a 2-process (
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
-from loki.analyse import AnalyseArgs, Question, load_questions, prompt_ids, run_analysis, user_turn
+from loki.analyse import (AnalyseArgs, Question, answer_token, load_questions, prompt_ids, run_analysis,
+                          user_turn)
 from loki_kernels import kva
 from loki_kernels.formats import read_attributions, read_metadata
 from tests.conftest import rel_err
@@ -222,3 +224,160 @@ def test_cli_reports_bad_data_in_one_line(setup, tmp_path):
     assert result.returncode == 2
     assert "record 0" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "kva_mmlu.h5").exists()
+
+
+# ------------------------------------------------------------------------------------------ --target
+def _top_tokens(model, prompts):
+    """The model's own top next token after each prompt (what ``--target predicted`` attributes)."""
+    with torch.no_grad():
+        return [int(model(input_ids=torch.tensor([p])).logits[0, -1].argmax()) for p in prompts]
+
+
+def _letter_ids(tok):
+    return {letter: tok.convert_tokens_to_ids(letter) for letter in "ABCD"}
+
+
+def test_answer_token_is_the_bare_letter_after_the_prompt():
+    """Without a chat template the prompt ends with "assistant: ", with one after its generation prompt: either way
+    the token is the letter's own (the character tokenizer has one token per character)."""
+    tok = char_tokenizer()
+    q, shot = Question("anatomy", "Q1?", ("a", "b", "c", "d"), 2), Question("anatomy", "S?", ("w", "x", "y", "z"), 1)
+    assert tok.decode(prompt_ids(tok, q)).endswith("assistant: ")
+    assert answer_token(tok, q) == answer_token(tok, q, [shot]) == _letter_ids(tok)["C"]
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    assert answer_token(tok, q) == answer_token(tok, q, [shot]) == _letter_ids(tok)["C"]
+
+
+def test_answer_target_equals_engine_on_the_correct_token(setup, tmp_path):
+    """Every sample's row is the engine's attribution of its correct letter's token, and, where the model's top
+    prediction is another token (made so for every sample here: the answers are not in the prompt), differs from
+    the ``predicted`` row."""
+    root, model, tok, _, _ = setup
+    records = _records(5, seed=3)
+    prompts = [prompt_ids(tok, Question(r["subject"], r["question"], tuple(r["choices"]), 0)) for r in records]
+    top = _top_tokens(model, prompts)
+    letters = _letter_ids(tok)
+    for r, t in zip(records, top):  # an answer the model does not predict
+        r["answer"] = next(i for i, letter in enumerate("ABCD") if letters[letter] != t and i != r["answer"])
+    data = _write(records, tmp_path / "wrong.jsonl")
+
+    answer = read_attributions(run_analysis(_args(setup, tmp_path / "answer.h5", data=data, target="answer"),
+                                            model, tok))
+    predicted = read_attributions(run_analysis(_args(setup, tmp_path / "predicted.h5", data=data), model, tok))
+    assert answer.shape == predicted.shape == (5, LAYERS, HIDDEN)
+    for i, (r, ids, t) in enumerate(zip(records, prompts, top)):
+        correct = letters["ABCD"[r["answer"]]]
+        assert correct != t  # the premise: the model's top prediction is not the correct answer
+        ids = torch.tensor([ids])
+        expected = kva.attribute(model, ids, steps=3, target=[correct])[0]
+        assert rel_err(torch.from_numpy(answer[i]), expected) <= 1e-5
+        assert rel_err(torch.from_numpy(answer[i]), kva.attribute(model, ids, steps=3, target=[t])[0]) > 1e-2
+        assert rel_err(torch.from_numpy(predicted[i]), torch.from_numpy(answer[i])) > 1e-2
+    assert read_metadata(tmp_path / "answer.h5")["target"] == "answer"
+    assert read_metadata(tmp_path / "predicted.h5")["target"] == "predicted"
+
+
+def test_answer_target_without_a_token_names_the_question(setup, tmp_path):
+    """A tokenizer that cannot spell the letter: one line naming the question, before any file is made."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    root, model, _, _, _ = setup
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for code in range(32, 127):
+        if chr(code) != "C":
+            vocab[chr(code)] = len(vocab)
+    inner = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    inner.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    records = _records(4, seed=4)
+    for i, r in enumerate(records):
+        r["answer"] = 2 if i == 2 else 3  # only question 2's answer is C
+    data = _write(records, tmp_path / "d.jsonl")
+    output = tmp_path / "out" / "kva.h5"
+    with pytest.raises(ValueError) as e:
+        run_analysis(_args(setup, output, data=data, target="answer"), model, tok)
+    message = str(e.value)
+    assert message.startswith(f"--target answer: question 2 ({SUBJECTS[0]}): no token of the tokenizer appends "
+                              f"the answer 'C' to the prompt's text") and "\n" not in message
+    assert not output.exists()
+    run_analysis(_args(setup, output, data=data), model, tok)  # predicted needs no answer token
+    assert read_attributions(output).shape[0] == 4
+
+
+def _cli_argv(setup, output, *extra):
+    root, _, _, data, _ = setup
+    return ["analyse", "--model-path", str(root / "model"), "--data", str(data), "--output-dir", str(output.parent),
+            "--result-file", output.name, "--steps", "3", "--batch-size", "2", "--torch-dtype", "float32", *extra]
+
+
+def test_resume_refuses_another_target(setup, tmp_path, monkeypatch, capsys):
+    from loki.cli import main
+
+    root, model, tok, *_ = setup
+    output = tmp_path / "out" / "kva.h5"
+    real, calls = kva.attribute, {"n": 0}
+
+    def interrupted(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(kva, "attribute", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_analysis(_args(setup, output, target="answer"), model, tok)
+    monkeypatch.setattr(kva, "attribute", real)
+    assert read_attributions(output).shape[0] == 2 and read_metadata(output)["target"] == "answer"
+    before = output.read_bytes()
+
+    for argv in (_cli_argv(setup, output), _cli_argv(setup, output, "--target", "predicted")):  # default, explicit
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == (f"loki analyse: error: cannot resume {output}: it was written with target='answer', this run "
+                       f"has target='predicted'; use another --output-dir/--result-file or delete the file\n")
+        assert output.read_bytes() == before  # the refused run changed nothing
+        assert sorted(p.name for p in output.parent.iterdir()) == ["kva.h5"]  # and left no lock file
+    with pytest.raises(ValueError, match="target='answer', this run has target='predicted'"):
+        run_analysis(_args(setup, output), model, tok)
+
+    assert main(_cli_argv(setup, output, "--target", "answer")) == 0  # the same mode resumes
+    assert read_attributions(output).shape == (5, LAYERS, HIDDEN) and read_metadata(output)["target"] == "answer"
+
+
+def test_file_without_target_was_written_as_predicted(setup, tmp_path):
+    """Files written before ``--target`` existed have no ``target``: they resume as ``predicted`` only."""
+    import h5py
+
+    root, model, tok, *_ = setup
+    output = tmp_path / "old.h5"
+    run_analysis(_args(setup, output), model, tok)
+    with h5py.File(output, "r+") as f:
+        del f["dataset"].attrs["metadata_target"]
+    assert "target" not in read_metadata(output)
+    before = output.read_bytes()
+    with pytest.raises(ValueError, match=re.escape(f"cannot resume {output}: it was written with target='predicted', "
+                                                   f"this run has target='answer'")):
+        run_analysis(_args(setup, output, target="answer"), model, tok)
+    assert output.read_bytes() == before
+    run_analysis(_args(setup, output), model, tok)  # complete, and the same mode: accepted, nothing added
+    assert read_attributions(output).shape == (5, LAYERS, HIDDEN)
+
+
+def test_default_target_is_predicted(setup, tmp_path, capsys):
+    from loki.cli import build_parser, main
+
+    assert build_parser().parse_args(_cli_argv(setup, tmp_path / "x.h5")).target == "predicted"
+    assert AnalyseArgs(model_path=tmp_path, data=tmp_path, output=tmp_path / "x.h5").target == "predicted"
+    default, explicit = tmp_path / "default" / "kva.h5", tmp_path / "explicit" / "kva.h5"
+    assert main(_cli_argv(setup, default)) == 0
+    assert main(_cli_argv(setup, explicit, "--target", "predicted")) == 0
+    assert np.array_equal(read_attributions(default), read_attributions(explicit))
+    times = ("created_at", "completed_at")
+    meta_default, meta_explicit = read_metadata(default), read_metadata(explicit)
+    assert meta_default["target"] == "predicted"
+    assert {k: v for k, v in meta_default.items() if k not in times} == \
+        {k: v for k, v in meta_explicit.items() if k not in times}

@@ -83,7 +83,9 @@ def test_bad_demo_data(tmp_path, line, message):
 
 def test_demo_cli_errors_in_one_line(tmp_path):
     model, data = _local_model(tmp_path)
-    for args, message in [(["--model", str(model)], "go together"), (["--quota", "0"], "--quota")]:
+    for args, message in [(["--data", str(data)], "--data needs --model"), (["--quota", "0"], "--quota"),
+                          (["--lr", "0"], "--lr must be positive"), (["--lr", "1e-3", "3e-3"], "one learning rate"),
+                          (["--batch-size", "0"], "--batch-size")]:
         result = subprocess.run([sys.executable, "-m", "loki.cli", "demo", *args, "--out-dir", str(tmp_path / "o")],
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
