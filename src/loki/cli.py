@@ -169,6 +169,8 @@ def run_demo(args: argparse.Namespace) -> int:
         raise UserError(f"--quota must be in (0, 100], got {args.quota:g}")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be a positive integer, got {args.steps}")
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be a positive integer, got {args.seeds}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.lr is not None and not all(lr > 0 for lr in args.lr):
@@ -188,7 +190,8 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.lr is not None and len(args.lr) != 1:
         raise UserError("--lr takes one learning rate for this demo (a sweep only with a pretrained --model)")
     model = None if args.model is None else Path(_model(args.model))  # a real model: converted after the checks
-    demo = DemoArgs(seed=args.seed, quota=args.quota, out_dir=args.out_dir, model=model, data=args.data)
+    demo = DemoArgs(seed=args.seed, quota=args.quota, out_dir=args.out_dir, model=model, data=args.data,
+                    seeds=args.seeds)
     for name, value in (("implant_steps", args.steps), ("batch_size", args.batch_size),
                         ("lr", None if args.lr is None else args.lr[0])):
         if value is not None:
@@ -283,12 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo", "the whole pipeline on a built-in tiny model, or on a pretrained chat model (CPU)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the world, the model and the training")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="seeds --seed, --seed+1, ... to average over (the tiny or --data demo; the learning-rate "
+                        "sweep runs on the first)")
     p.add_argument("--quota", type=float, default=DEFAULT_QUOTA, help="percentage of down_proj rows to train")
     p.add_argument("--steps", type=int, default=None,
-                   help="implant steps for every method (default: 600 tiny model, 24 pretrained model)")
+                   help="implant steps for every method (default: 400 tiny model, 24 pretrained model)")
     p.add_argument("--lr", type=float, nargs="+", default=None,
-                   help="learning rate (tiny model: one, default 3e-3); with a pretrained --model, the sweep every "
-                        "method runs (default: per method, see loki/real_demo.py)")
+                   help="learning rates every method runs instead of its own sweep (default: per method, see "
+                        "loki/demo.py and loki/real_demo.py); the tiny or --data demo takes one")
     p.add_argument("--batch-size", type=int, default=None, help="implant batch size (default: 32 tiny, 6 pretrained)")
     p.add_argument("--out-dir", type=Path, default=Path("loki_demo"), help="where the table, JSON and PNG go")
     p.add_argument("--model", default=None,

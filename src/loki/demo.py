@@ -3,15 +3,19 @@
 1. A tiny Llama-style model is built from a config and trained in-process on generated "general
    knowledge": made-up facts (``<subject> <relation> = <object>``) and a small skill (adding two digits from 0 to 5).
 2. KVA scores every ``down_proj`` row on probes of that knowledge; layer-balanced selection at q = 10%.
-3. A new generated task (facts about new subjects) is implanted four ways, each with the same step budget:
-   LoKI (the selected rows, via ``patch_model``), the same number of randomly chosen rows, full
-   fine-tuning, and LoRA (peft).
-4. A table and a PNG: new-task accuracy, retention of the old knowledge (the paper's forgetting score
-   ``100·(S_o − S_t)/S_o`` averaged over the old tasks), trainable parameters, wall time per step.
+3. A new generated task (facts about new subjects) is implanted five ways, each with the same steps and batches:
+   LoKI (the KVA-lowest rows, via ``patch_model``), the same number of random rows, the highest-attribution rows
+   (the control that should forget most if KVA means anything), full fine-tuning, and LoRA (peft). Each method
+   runs a small learning-rate sweep (:data:`LR_SWEEP`) on the first seed and keeps the lowest rate that reaches
+   the new-task threshold (else its best); the other seeds rerun every method at its chosen rate.
+4. A table (mean ± sd over the seeds) and a PNG (the sweep's learning-forgetting points, and the chosen points
+   with their spread): new-task accuracy, the old tasks, the paper's forgetting score
+   ``100·(S_o − S_t)/S_o`` averaged over the old tasks, trainable parameters, wall time per step.
 
 ``loki demo --model PATH --data FILE`` runs steps 2-4 on a local model and a JSONL file of
-``{"prompt", "answer", "split"}`` records (split ``"old"``: knowledge probes; ``"new"``: the task to implant).
-Nothing is downloaded. The numbers are whatever they come out as: the demo is not tuned for LoKI to win.
+``{"prompt", "answer", "split"}`` records (split ``"old"``: knowledge probes; ``"new"``: the task to implant);
+``loki demo --model PATH`` (or ``smollm2``) without ``--data`` runs :mod:`loki.real_demo`. Nothing is
+downloaded. The numbers are whatever they come out as: the demo is not tuned for LoKI to win.
 """
 
 from __future__ import annotations
@@ -194,6 +198,8 @@ class Result:
     forgetting: float
     trainable: int
     ms_per_step: float
+    lr: float = 0.0
+    seed: int = 0
 
 
 def forgetting_score(before: dict, after: dict) -> float:
@@ -209,11 +215,12 @@ def lora_model(model, rank: int = 8):
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0))
 
 
-def implant_all(model, tokenizer, world: World, target_pos, *, steps: int, lr: float, batch_size: int, seed: int,
-                quota: float) -> list[Result]:
-    old_batches = {t.name: encode(tokenizer, t.pairs) for t in world.old}
-    new_batch = encode(tokenizer, world.new.pairs)
-    before = {name: accuracy(model, b) for name, b in old_batches.items()}
+# Learning-rate sweep per method family (the tiny model learns at high rates; 3e-3 was the old shared one).
+LR_SWEEP = {"rows": (1e-3, 3e-3, 1e-2), "full": (3e-4, 1e-3, 3e-3), "lora": (1e-3, 3e-3, 1e-2)}
+
+
+def methods(model, target_pos, highest_pos, quota: float, seed: int) -> list[tuple[str, str, object]]:
+    """``(name, lr family, prepare)`` for each method: LoKI, random rows, highest rows, full FT, LoRA."""
     gen = torch.Generator().manual_seed(seed)
     hidden = loki_kernels.find_down_projs(model)[0].out_features
     random_rows = [torch.randperm(hidden, generator=gen)[: len(rows)].tolist() for rows in target_pos]
@@ -221,50 +228,86 @@ def implant_all(model, tokenizer, world: World, target_pos, *, steps: int, lr: f
     def patched(rows):
         return lambda m: loki_kernels.patch_model(m, rows)
 
-    methods = [
-        (f"LoKI q={quota:g}% (KVA rows)", patched(target_pos)),
-        (f"random rows q={quota:g}%", patched(random_rows)),
-        ("full fine-tuning", lambda m: m),
-        ("LoRA r=8 (all linear)", lora_model),
+    return [
+        (f"LoKI q={quota:g}% (KVA lowest)", "rows", patched(target_pos)),
+        (f"random rows q={quota:g}%", "rows", patched(random_rows)),
+        (f"highest-attribution rows q={quota:g}%", "rows", patched(highest_pos)),
+        ("full fine-tuning", "full", lambda m: m),
+        ("LoRA r=8 (all linear)", "lora", lora_model),
     ]
-    results = []
-    for name, prepare in methods:
-        candidate = prepare(copy.deepcopy(model))
-        trainable = loki_kernels.count_parameters(candidate).trainable
-        ms = train(candidate, new_batch, steps, lr, batch_size, f"implant: {name}", seed)
-        after = {n: accuracy(candidate, b) for n, b in old_batches.items()}
-        results.append(Result(name, accuracy(candidate, new_batch), after, forgetting_score(before, after),
-                              trainable, ms))
-    results.insert(0, Result("before implanting", accuracy(model, new_batch), before, 0.0, 0, 0.0))
-    return results
+
+
+def implant(model, prepare, name: str, old_batches: dict, before: dict, new_batch: Batch, *, steps: int, lr: float,
+            batch_size: int, seed: int) -> Result:
+    """One method at one learning rate: train a copy of ``model`` on the new task, score new and old."""
+    candidate = prepare(copy.deepcopy(model))
+    trainable = loki_kernels.count_parameters(candidate).trainable
+    ms = train(candidate, new_batch, steps, lr, batch_size, f"implant: {name} lr={lr:g}", seed)
+    after = {n: accuracy(candidate, b) for n, b in old_batches.items()}
+    return Result(name, accuracy(candidate, new_batch), after, forgetting_score(before, after), trainable, ms,
+                  lr, seed)
+
+
+def choose_lr(points: list[Result], threshold: float) -> Result:
+    """The lowest learning rate whose new-task accuracy reaches ``threshold``, else the best new-task accuracy."""
+    reached = [p for p in points if p.new_acc >= threshold]
+    return min(reached, key=lambda p: p.lr) if reached else max(points, key=lambda p: (p.new_acc, -p.lr))
 
 
 # --------------------------------------------------------------------------------------------- report
-def format_table(results: list[Result]) -> str:
-    old_names = list(results[0].old_acc)
-    head = ["method", "new task %"] + [f"{n} %" for n in old_names] + ["forgetting %", "trainable", "ms/step"]
-    rows = [[r.method, f"{r.new_acc:.1f}"] + [f"{r.old_acc[n]:.1f}" for n in old_names]
-            + [f"{r.forgetting:.2f}", f"{r.trainable:,}", f"{r.ms_per_step:.1f}"] for r in results]
+def _mean_sd(values: list[float]) -> str:
+    t = torch.tensor(values, dtype=torch.float64)
+    return f"{t.mean():.1f}" if len(values) == 1 else f"{t.mean():.1f} ± {t.std():.1f}"
+
+
+def format_table(summary: list[list[Result]], threshold: float) -> str:
+    """One row per method: its chosen learning rate, mean ± sd over seeds (sample sd) of each score."""
+    old_names = list(summary[0][0].old_acc)
+    head = ["method", "lr", "new task %"] + [f"{n} %" for n in old_names] + ["forgetting %", "trainable", "ms/step"]
+    rows = []
+    for runs in summary:
+        r = runs[0]
+        new = _mean_sd([x.new_acc for x in runs]) + ("" if r.method == "before implanting" or all(
+            x.new_acc >= threshold for x in runs) else "*")
+        rows.append([r.method, f"{r.lr:g}" if r.lr else "-", new]
+                    + [_mean_sd([x.old_acc[n] for x in runs]) for n in old_names]
+                    + [_mean_sd([x.forgetting for x in runs]), f"{r.trainable:,}",
+                       f"{sum(x.ms_per_step for x in runs) / len(runs):.1f}"])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     fmt = lambda row: "  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths)))  # noqa: E731
-    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
+    seeds = len(summary[0])
+    note = (f"mean ± sd over {seeds} seeds; each method at the lowest learning rate of its sweep (first seed) that "
+            f"reaches {threshold:g}% on the new task, else its best; * = below {threshold:g}% on some seed")
+    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows] + [note])
 
 
-def plot(results: list[Result], path: Path) -> None:
+def plot(sweep: list[Result], summary: list[list[Result]], path: Path) -> None:
+    """Left: every (method, lr) point of the sweep, new-task accuracy against forgetting. Right: the chosen
+    points, mean ± sd over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [r for r in results if r.method != "before implanting"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    names = [r.method for r in methods]
-    axes[0].barh(names, [r.new_acc for r in methods], color="tab:blue")
-    axes[0].set_xlabel("new-task accuracy (%)  ↑")
-    axes[0].set_xlim(0, 100)
-    axes[1].barh(names, [r.forgetting for r in methods], color="tab:red")
-    axes[1].set_xlabel("forgetting score (%)  ↓")
-    axes[1].set_yticklabels([])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for runs in summary[1:]:
+        name = runs[0].method
+        pts = sorted((p for p in sweep if p.method == name), key=lambda p: p.lr)
+        line = axes[0].plot([p.forgetting for p in pts], [p.new_acc for p in pts], marker="o", label=name)[0]
+        for p in pts:
+            axes[0].annotate(f"{p.lr:g}", (p.forgetting, p.new_acc), fontsize=7, xytext=(3, 3),
+                             textcoords="offset points")
+        f = torch.tensor([r.forgetting for r in runs], dtype=torch.float64)
+        a = torch.tensor([r.new_acc for r in runs], dtype=torch.float64)
+        sd = (lambda t: float(t.std()) if len(t) > 1 else 0.0)
+        axes[1].errorbar([float(f.mean())], [float(a.mean())], xerr=[sd(f)], yerr=[sd(a)], marker="o",
+                         color=line.get_color(), label=name, capsize=3)
+    for ax, title in zip(axes, ["learning-rate sweep (labels: lr)", f"chosen lr, mean ± sd over {len(summary[0])} "
+                                                                     "seeds"]):
+        ax.set_xlabel("forgetting score (%)  ↓")
+        ax.set_ylabel("new-task accuracy (%)  ↑")
+        ax.set_title(title)
+    axes[0].legend(fontsize=7)
     fig.suptitle("LoKI demo: implant new facts, keep old knowledge")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -275,11 +318,13 @@ def plot(results: list[Result], path: Path) -> None:
 @dataclass
 class DemoArgs:
     seed: int = 0
+    seeds: int = 3  # seeds seed, seed + 1, ...: world, model, rows and training (the sweep runs on the first)
     quota: float = 10.0
     out_dir: Path = Path("loki_demo")
     pretrain_steps: int = 4000
-    implant_steps: int = 600
-    lr: float = 3e-3
+    implant_steps: int = 400
+    lr: Optional[float] = None  # one learning rate for every method instead of the sweep
+    threshold: float = 90.0
     batch_size: int = 32
     model: Optional[Path] = None
     data: Optional[Path] = None
@@ -318,39 +363,69 @@ def pretrain(model, tokenizer, world: World, args: DemoArgs, target: float = 95.
     return accs
 
 
-def run_demo(args: DemoArgs) -> list[Result]:
-    torch.manual_seed(args.seed)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def _setup(args: DemoArgs, seed: int):
+    """``(model, tokenizer, world)`` for one seed: the tiny world and model trained here, or the local ones."""
+    torch.manual_seed(seed)
     if args.model is not None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if args.data is None:
-            raise ValueError("--model needs --data (a JSONL file of prompt/answer/split records)")
         world = load_jsonl_world(args.data)
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-        print(f"[1/4] loaded {args.model}")
-    else:
-        world = make_world(args.seed)
-        tokenizer = word_tokenizer(world.words)
-        model = tiny_llama(len(tokenizer))
-        accs = pretrain(model, tokenizer, world, args)
-        print("[1/4] tiny model trained: " + ", ".join(f"{k} {v:.1f}%" for k, v in accs.items()))
+        print(f"[1/4] seed {seed}: loaded {args.model}")
+        return model, tokenizer, world
+    world = make_world(seed)
+    tokenizer = word_tokenizer(world.words)
+    model = tiny_llama(len(tokenizer))
+    accs = pretrain(model, tokenizer, world, DemoArgs(**{**args.__dict__, "seed": seed}))
+    print(f"[1/4] seed {seed}: tiny model trained: " + ", ".join(f"{k} {v:.1f}%" for k, v in accs.items()))
+    return model, tokenizer, world
 
-    probes = [p for t in world.old for p in t.pairs]
-    attributions = kva_attributions(model, tokenizer, probes, desc="[2/4] KVA on knowledge probes")
-    target_pos = loki_kernels.select_target_pos(attributions, args.quota, "layer_balanced")
-    print(f"[2/4] KVA on {len(probes)} probes -> layer-balanced selection: {len(target_pos[0])} rows per layer")
-    loki_kernels.save_target_pos(target_pos, out / f"{args.quota:g}.json")
 
-    print(f"[3/4] implanting {len(world.new.pairs)} new examples, {args.implant_steps} steps each method")
-    results = implant_all(model, tokenizer, world, target_pos, steps=args.implant_steps, lr=args.lr,
-                          batch_size=args.batch_size, seed=args.seed, quota=args.quota)
-    table = format_table(results)
+def run_demo(args: DemoArgs) -> list[list[Result]]:
+    """Returns one list per method (``"before implanting"`` first): its chosen learning rate on every seed."""
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = list(range(args.seed, args.seed + max(args.seeds, 1)))
+    sweep: list[Result] = []
+    chosen: dict = {}  # method -> lr
+    per_seed: dict = {}  # method -> [Result per seed]
+    for seed in seeds:
+        model, tokenizer, world = _setup(args, seed)
+        probes = [p for t in world.old for p in t.pairs]
+        attributions = kva_attributions(model, tokenizer, probes, desc=f"[2/4] seed {seed}: KVA on knowledge probes")
+        target_pos = loki_kernels.select_target_pos(attributions, args.quota, "layer_balanced")
+        highest_pos = loki_kernels.select_target_pos(-attributions, args.quota, "layer_balanced")
+        if seed == seeds[0]:
+            print(f"[2/4] KVA on {len(probes)} probes -> layer-balanced selection: {len(target_pos[0])} rows per layer")
+            loki_kernels.save_target_pos(target_pos, out / f"{args.quota:g}.json")
+        old_batches = {t.name: encode(tokenizer, t.pairs) for t in world.old}
+        new_batch = encode(tokenizer, world.new.pairs)
+        before = {name: accuracy(model, b) for name, b in old_batches.items()}
+        per_seed.setdefault("before implanting", []).append(
+            Result("before implanting", accuracy(model, new_batch), before, 0.0, 0, 0.0, 0.0, seed))
+        for name, family, prepare in methods(model, target_pos, highest_pos, args.quota, seed):
+            run = dict(old_batches=old_batches, before=before, new_batch=new_batch, steps=args.implant_steps,
+                       batch_size=args.batch_size, seed=seed)
+            if name not in chosen:  # the first seed: the sweep
+                lrs = (args.lr,) if args.lr is not None else LR_SWEEP[family]
+                points = [implant(model, prepare, name, lr=lr, **run) for lr in lrs]
+                sweep += points
+                best = choose_lr(points, args.threshold)
+                chosen[name] = best.lr
+                print(f"[3/4] {name}: " + ", ".join(f"lr {p.lr:g} -> new {p.new_acc:.1f}% forgetting "
+                                                     f"{p.forgetting:.1f}%" for p in points) + f"; chosen {best.lr:g}")
+            else:
+                best = implant(model, prepare, name, lr=chosen[name], **run)
+            per_seed.setdefault(name, []).append(best)
+    summary = list(per_seed.values())
+    table = format_table(summary, args.threshold)
     print("[4/4] results\n" + table)
     (out / "results.txt").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps([r.__dict__ for r in results], indent=2) + "\n")
-    plot(results, out / "demo.png")
+    (out / "results.json").write_text(json.dumps({
+        "seeds": seeds, "threshold": args.threshold, "sweep": [r.__dict__ for r in sweep],
+        "chosen_lr": chosen, "runs": {name: [r.__dict__ for r in runs] for name, runs in per_seed.items()},
+    }, indent=2) + "\n")
+    plot(sweep, summary, out / "demo.png")
     print(f"table, JSON and plot written to {out}/")
-    return results
+    return summary

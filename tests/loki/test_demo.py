@@ -26,22 +26,41 @@ def test_world_is_seeded_and_disjoint():
 
 
 def test_tiny_demo_end_to_end(tmp_path):
-    results = run_demo(DemoArgs(out_dir=tmp_path, pretrain_steps=250, implant_steps=4, batch_size=8))
-    names = [r.method for r in results]
-    assert names[0] == "before implanting" and len(results) == 5
-    loki, rand, full, lora = results[1:]
-    assert "LoKI" in loki.method and "random" in rand.method and "full" in full.method and "LoRA" in lora.method
-    assert 0 < loki.trainable == rand.trainable < lora.trainable < full.trainable
+    summary = run_demo(DemoArgs(out_dir=tmp_path, pretrain_steps=250, implant_steps=4, batch_size=8, seeds=2))
+    names = [runs[0].method for runs in summary]
+    assert names[0] == "before implanting" and len(summary) == 6
+    assert all(len(runs) == 2 and [r.seed for r in runs] == [0, 1] for runs in summary)  # every method, every seed
+    loki, rand, high, full, lora = (runs[0] for runs in summary[1:])
+    assert "LoKI" in loki.method and "random" in rand.method and "highest" in high.method
+    assert "full" in full.method and "LoRA" in lora.method
+    assert 0 < loki.trainable == rand.trainable == high.trainable < lora.trainable < full.trainable
     target_pos = json.loads((tmp_path / "10.json").read_text())
     d_ff = tiny_llama(10).config.intermediate_size
     assert len(target_pos) == 4 and all(len(rows) == 12 for rows in target_pos)  # floor(128 * 10 / 100) per layer
     assert loki.trainable == sum(len(rows) for rows in target_pos) * d_ff
-    assert all(0 <= r.new_acc <= 100 and r.ms_per_step >= 0 for r in results)
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert [r["method"] for r in saved] == names
+    # The sweep ran every learning rate of each method's family on the first seed; the chosen one is reused.
+    assert len(saved["sweep"]) == 15 and {r["seed"] for r in saved["sweep"]} == {0}
+    for runs in summary[1:]:
+        name = runs[0].method
+        swept = [r for r in saved["sweep"] if r["method"] == name]
+        assert len(swept) == 3 and saved["chosen_lr"][name] in [r["lr"] for r in swept]
+        assert all(r.lr == saved["chosen_lr"][name] for r in runs)
+        assert all(0 <= r.new_acc <= 100 and r.ms_per_step >= 0 for r in runs)
     table = (tmp_path / "results.txt").read_text()
-    assert "forgetting %" in table and all(n in table for n in names)
+    assert "forgetting %" in table and "±" in table and all(n in table for n in names)
     assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_choose_lr_takes_the_lowest_rate_that_reaches_the_threshold():
+    from loki.demo import Result, choose_lr
+
+    def point(lr, acc):
+        return Result("m", acc, {}, 0.0, 1, 0.0, lr)
+
+    assert choose_lr([point(1e-3, 50.0), point(3e-3, 95.0), point(1e-2, 99.0)], 90.0).lr == 3e-3
+    assert choose_lr([point(1e-3, 50.0), point(3e-3, 70.0), point(1e-2, 60.0)], 90.0).lr == 3e-3  # none: best
+    assert choose_lr([point(1e-3, 70.0), point(3e-3, 70.0)], 90.0).lr == 1e-3  # tie: the lower rate
 
 
 def _local_model(tmp_path):
