@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 import loki_kernels
 from loki_kernels.kva import attribute
 
+from .analyse import left_pad
+from .demo import lora_model
 from .knowledge import GENERAL_KNOWLEDGE, Probe, chat_prompt_ids, fictional_facts, is_correct
 
 # Learning-rate sweeps per method family, two values each to fit the CPU budget. Placed where a first run on
@@ -74,24 +76,18 @@ class RealDemoResult:
 
 
 # ------------------------------------------------------------------------------------------ generation
-def _pad_left(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    return ids, mask
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 @torch.no_grad()
 def answers(model, tokenizer, questions: list[str], max_new_tokens: int = 10, batch: int = 32) -> list[str]:
     """Greedy answers to ``questions`` asked through the chat template, left-padded batches."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
     out = []
     model.eval()
     for start in range(0, len(questions), batch):
-        ids, mask = _pad_left([chat_prompt_ids(tokenizer, q) for q in questions[start:start + batch]], pad)
+        ids, mask = left_pad([chat_prompt_ids(tokenizer, q) for q in questions[start:start + batch]], pad)
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         out += tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
@@ -128,7 +124,7 @@ def train(model, tokenizer, facts: list[Probe], *, steps: int, lr: float, batch_
           desc: str) -> float:
     """AdamW (no weight decay) on the answers of ``facts``; the same batches for every method. Seconds."""
     examples = _examples(tokenizer, facts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -151,11 +147,11 @@ def train(model, tokenizer, facts: list[Probe], *, steps: int, lr: float, batch_
 # ------------------------------------------------------------------------------------------------ KVA
 def kva_attributions(model, tokenizer, probes: list[Probe], batch: int = 8) -> torch.Tensor:
     """``[N, L, H]`` KVA attributions of the probability of each probe's correct first answer token."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
     parts = []
     for start in tqdm(range(0, len(probes), batch), desc="[2/4] KVA (target: the correct answer)", leave=False):
         chunk = probes[start:start + batch]
-        ids, mask = _pad_left([chat_prompt_ids(tokenizer, p.question) for p in chunk], pad)
+        ids, mask = left_pad([chat_prompt_ids(tokenizer, p.question) for p in chunk], pad)
         target = [tokenizer(p.answer, add_special_tokens=False)["input_ids"][0] for p in chunk]
         parts.append(attribute(model, ids, mask, target=target))
     return torch.cat(parts)
@@ -216,17 +212,12 @@ def run_real_demo(args: RealDemoArgs) -> RealDemoResult:
     def rows(target_pos):
         return lambda m: loki_kernels.patch_model(m, target_pos)
 
-    def lora(m):
-        from .demo import lora_model
-
-        return lora_model(m)
-
     methods = [
         (f"LoKI q={args.quota:g}% (KVA lowest)", rows(low), "rows", low),
         (f"random rows q={args.quota:g}%", rows(rand), "rows", rand),
         (f"highest-attribution rows q={args.quota:g}%", rows(high), "rows", high),
         ("full fine-tuning", lambda m: m, "full", None),
-        ("LoRA r=8 (all linear)", lora, "lora", None),
+        ("LoRA r=8 (all linear)", lora_model, "lora", None),
     ]
     result = RealDemoResult(args.model, len(kept), len(asked))
     print(f"[3/4] implanting: {len(methods)} methods x {len(lrs['rows'])} learning rates, {args.steps} steps each")
