@@ -1,7 +1,8 @@
 """``loki analyse``: KVA attributions of a model over MMLU-format questions, streamed to HDF5.
 
 Reads MMLU-format records (``question``, ``choices``, ``answer``, ``subject``) from a local parquet,
-JSON, JSONL or CSV file (or a ``datasets`` dataset already on disk), builds the original chat prompt
+JSON, JSONL or CSV file (or a ``datasets`` dataset already on disk; the reading is
+:func:`loki_kernels.data.read_table`'s), builds the original chat prompt
 (zero-shot, or 5-shot with ``dev`` examples as user/assistant turns), runs
 :func:`loki_kernels.kva.attribute` on batches, and appends one ``[L, H]`` row per sample to the HDF5
 dataset ``"dataset"`` in sample order.
@@ -42,6 +43,7 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from loki_kernels.data import read_table
 from loki_kernels.files import FileLock
 from loki_kernels.formats import STORAGE_DTYPES
 from loki_kernels.kva import DEFAULT_METHOD, DEFAULT_STEPS, METHODS, SEMANTICS, quadrature
@@ -61,68 +63,6 @@ class Question:
     question: str
     choices: tuple[str, ...]
     answer: int  # index into choices
-
-
-def _read_table(path: Path) -> list:
-    """The records of a data file, as a list (each should be a dict; :func:`_question` checks them)."""
-    suffix = path.suffix.lower()
-    if path.is_dir():  # a datasets.Dataset saved with save_to_disk
-        from datasets import load_from_disk
-
-        try:
-            return list(load_from_disk(str(path)))
-        except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"{path}: not a dataset saved with datasets' save_to_disk ({e})") from None
-    if suffix in (".jsonl", ".json"):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-    if suffix == ".jsonl":
-        records = []
-        for n, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} line {n}: not valid JSON ({e})") from None
-        return records
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return _json_records(data, path)
-    if suffix in (".csv", ".parquet"):
-        import pandas as pd
-
-        try:
-            frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
-        except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-            raise ValueError(f"{path}: cannot be read as {suffix[1:].upper()} ({str(e).splitlines()[0]})") from None
-        return frame.to_dict("records")
-    raise ValueError(f"{path}: unsupported data file (use .parquet, .json, .jsonl, .csv or a datasets directory)")
-
-
-def _json_records(data, path: Path) -> list:
-    """Records from a JSON document: a list of records, ``{"data"|"rows": [...]}``, or any pandas ``to_json``."""
-    if isinstance(data, list):
-        return data
-    if isinstance(data, dict):
-        for key in ("data", "rows"):
-            if isinstance(data.get(key), list):
-                rows = data[key]
-                if rows and isinstance(rows[0], list) and isinstance(data.get("columns"), list):  # orient="split"
-                    return [dict(zip(data["columns"], row)) for row in rows]
-                return rows  # {"data": records}, and orient="table"
-        values = list(data.values())
-        if values and all(isinstance(v, dict) for v in values):
-            if "question" in data:  # orient="columns": {field: {row: value}}
-                index = list(values[0])
-                return [{field: column.get(i) for field, column in data.items()} for i in index]
-            return values  # orient="index": {row: record}
-    raise ValueError(f"{path}: expected a JSON list of question records (or a pandas to_json table), "
-                     f"got {type(data).__name__}")
 
 
 def _parse_choices(value, where: str) -> tuple[str, ...]:
@@ -192,7 +132,7 @@ def load_questions(source: os.PathLike | str, max_samples_per_subset: Optional[i
     if not path.exists():
         raise ValueError(f"data file {path} does not exist")
     questions, per_subject = [], {}
-    for i, record in enumerate(_read_table(path)):
+    for i, record in enumerate(read_table(path, field="question")):  # each record is checked here
         q = _question(record, f"{path} record {i}")
         count = per_subject.get(q.subject, 0)
         if max_samples_per_subset is None or count < max_samples_per_subset:
