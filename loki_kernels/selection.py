@@ -55,7 +55,10 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["STRATEGIES", "select_target_pos", "vote_counts", "target_pos_from_counts", "layer_quota", "total_quota"]
+__all__ = [
+    "STRATEGIES", "select_target_pos", "vote_counts", "target_pos_from_counts", "target_pos_from_scores", "layer_quota",
+    "total_quota",
+]
 
 STRATEGIES = ("layer_balanced", "global_lowest", "global_highest")
 
@@ -179,6 +182,48 @@ def target_pos_from_counts(counts: Any, quota: float, strategy: str = "layer_bal
         order = torch.argsort(counts, dim=1, stable=True).flip(1)[:, :k]
         return order.tolist()
     chosen = torch.argsort(counts.reshape(-1), stable=True).flip(0)[: total_quota(num_layers, hidden, quota)]
+    result: list[list[int]] = [[] for _ in range(num_layers)]
+    for flat in chosen.tolist():
+        result[flat // hidden].append(flat % hidden)
+    return result
+
+
+def target_pos_from_scores(scores: Any, quota: float, strategy: str = "layer_lowest") -> list[list[int]]:
+    """Rows chosen by one score per row (an ``[L, H]`` tensor or array, e.g. K-FAC row curvature), no voting.
+
+    ``strategy``: ``"layer_lowest"`` / ``"layer_highest"``: the ``k = floor(H * q / 100)`` rows of each layer
+    with the lowest / highest scores (:func:`layer_quota`; ``layer_balanced``'s rule on one value per row);
+    ``"global_lowest"`` / ``"global_highest"``: the ``T = floor(L * H * q / 100)`` lowest / highest of all
+    ``L * H`` scores (:func:`total_quota`), regrouped per layer (uneven, possibly empty layers). Each layer's
+    list is in ranking order (most extreme first); equal scores go to the lower index first (the flat index
+    ``l * H + j`` for the global strategies). Raises ``ValueError`` for scores that are not 2-D, empty or not
+    finite, an unknown strategy, a bad quota, or a quota that selects no row.
+    """
+    choices = ("layer_lowest", "layer_highest", "global_lowest", "global_highest")
+    if strategy not in choices:
+        raise ValueError(f"unknown score selection strategy {strategy!r}; choose one of {', '.join(choices)}")
+    _check_quota(quota)
+    scores = torch.as_tensor(scores).detach().cpu()
+    if scores.ndim != 2 or 0 in scores.shape:
+        raise ValueError(f"scores must be a non-empty 2-D [layers, hidden_size] array, got shape {tuple(scores.shape)}")
+    if scores.is_complex() or scores.dtype == torch.bool:
+        raise ValueError(f"scores must be real numbers, got dtype {scores.dtype}")
+    if scores.is_floating_point() and not bool(torch.isfinite(scores).all()):
+        layer, row = (int(i) for i in torch.nonzero(~torch.isfinite(scores))[0])
+        raise ValueError(f"score of layer {layer}, row {row} is {scores[layer, row].item()}: scores must be finite")
+    num_layers, hidden = scores.shape
+    per_layer = strategy.startswith("layer_")
+    count = layer_quota(hidden, quota) if per_layer else total_quota(num_layers, hidden, quota)
+    if count == 0:
+        rows, of = (hidden, "a layer") if per_layer else (num_layers * hidden, "all layers")
+        raise ValueError(f"quota {quota:g}% selects no row: it is less than one of the {rows} rows of {of} "
+                         f"(the smallest quota that selects one is {_smallest_quota(rows):g}%)")
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        scores = scores.float()
+    descending = strategy.endswith("_highest")
+    if per_layer:  # a stable sort keeps equal scores in index order, descending or not
+        return torch.argsort(scores, dim=1, descending=descending, stable=True)[:, :count].tolist()
+    chosen = torch.argsort(scores.reshape(-1), descending=descending, stable=True)[:count]
     result: list[list[int]] = [[] for _ in range(num_layers)]
     for flat in chosen.tolist():
         result[flat // hidden].append(flat % hidden)

@@ -6,10 +6,16 @@ One file per original:
   classes do with it (:func:`~.loki_linear.apply_reference_loki`).
 * :mod:`.kva_paper`: the paper-time KVA estimator (LoKI's first commit), one layer and one prompt at a time.
 * :mod:`.kva_captum`: LoKI HEAD's KVA loop over Captum's ``LayerIntegratedGradients``.
+* :mod:`.kfac_collect`: the K-FAC factor collection of ``memorization_kfac`` (hooks, mean loss, layer groups).
+* :mod:`.kfac_original`: the K-FAC edit of ``memorization_kfac``: the heap-loop pair selection
+  (:func:`~.kfac_original.top_pairs_by_product`), the product and per-factor projections, the fork's ablation.
 """
 
+from .kfac_collect import collect_factors_original
+from .kfac_original import top_pairs_by_product
 from .kva_captum import captum_loop
 from .kva_paper import paper_estimator
 from .loki_linear import LoKILinear, apply_reference_loki
 
-__all__ = ["LoKILinear", "apply_reference_loki", "paper_estimator", "captum_loop"]
+__all__ = ["LoKILinear", "apply_reference_loki", "paper_estimator", "captum_loop", "collect_factors_original",
+           "top_pairs_by_product"]
