@@ -10,7 +10,7 @@ from .arch import find_down_projs, find_mlps
 from .backend import resolve_backend
 from .modules import SplitLinear
 from .ops import split_linear
-from .patching import count_parameters, patch_model, unpatch_model
+from .patching import count_parameters, lesion, patch_model, set_silence, unpatch_model
 from .selection import select_target_pos
 from .target_pos import check_target_pos, load_target_pos, save_target_pos
 
@@ -19,6 +19,8 @@ __version__ = "0.1.0"
 __all__ = [
     "patch_model",
     "unpatch_model",
+    "set_silence",
+    "lesion",
     "count_parameters",
     "find_down_projs",
     "find_mlps",

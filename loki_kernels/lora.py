@@ -11,6 +11,10 @@ only, so every other row of the model stays exactly as it was::
     model = model.merge_and_unload()     # B·A·scale added to weight_active
     loki_kernels.unpatch_model(model)    # a plain model; only the selected rows differ from the base
 
+Silenced rows (``patch_model(..., silence=...)``) stay silent: the adapter's output on them is zeroed, so
+their ``B`` rows get no gradient either (FNSFT's ``lora`` anti-drift mode restricts ``B`` to the trained rows
+by a row mask; here ``B`` has only the trained rows, and a silenced trained row is masked like the base).
+
 Plain LoRA features only: no DoRA or other variants, no ``lora_bias``, no mixed-adapter batches.
 The adapter alone saves with ``PeftModel.save_pretrained``; to load it, patch the base model the same way
 and pass ``config=lora_config(model, r=..., lora_alpha=...)`` to ``PeftModel.from_pretrained`` (peft does not
@@ -71,11 +75,15 @@ class SplitLoraLinear(_lora_linear_base()):
         if self.disable_adapters or self.merged:
             return result
         rows = self.base_layer.active_pos
+        silenced = self.base_layer.silenced
+        silenced = None if silenced is None else silenced.index_select(0, rows)  # [k]: the adapter's rows
         for name in self.active_adapters:
             if name not in self.lora_A:
                 continue
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
             delta = lora_b(lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype)))) * self.scaling[name]
+            if silenced is not None:
+                delta = delta.masked_fill(silenced, 0)
             result = result.index_add(-1, rows, delta.to(result.dtype))
         return result
 

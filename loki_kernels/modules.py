@@ -26,6 +26,13 @@ class SplitLinear(nn.Module):
     Split weights are read only inside :meth:`forward`, where DeepSpeed ZeRO-3 has gathered them. A module
     built on the meta device works once materialised: ``to_empty()`` rebuilds the index buffers, and
     ``load_state_dict`` fills the weights, trainable rows included.
+
+    **Silenced rows** (``silence``, or :meth:`silence` later): rows whose output is zero (bias included) and
+    whose gradient is dropped before ``dX`` and ``dW`` (see :func:`~loki_kernels.ops.split_linear.split_linear`),
+    FNSFT's training-time mask without a forward hook. A silenced row may be active (it then gets a zero
+    gradient) or frozen; the module may have no active row at all. The mask is a non-persistent buffer
+    (``silenced``, ``bool[out]``, or None): state dicts and ``save_pretrained`` hold the plain weights,
+    unmasked, and :meth:`to_module` (``unpatch_model``) drops it.
     """
 
     def __init__(
@@ -35,6 +42,7 @@ class SplitLinear(nn.Module):
         active_pos: Sequence[int],
         *,
         transposed: bool = False,
+        silence: Sequence[int] = (),
         backend: str = "auto",
     ):
         super().__init__()
@@ -43,6 +51,7 @@ class SplitLinear(nn.Module):
         self.transposed = transposed  # True for Conv1D: weight is stored as [in, out]
         self.backend = backend
         self._rows = tuple(check_active_pos(active_pos, weight.shape[1 if transposed else 0]))
+        self._silenced_rows = tuple(check_active_pos(silence, weight.shape[1 if transposed else 0], "silence"))
         # The flags the wrapped layer had, given back by to_module.
         self._requires_grad = (weight.requires_grad, None if bias is None else bias.requires_grad)
         self.weight = weight
@@ -52,6 +61,7 @@ class SplitLinear(nn.Module):
             bias.requires_grad_(False)
         self.register_buffer("active_pos", None, persistent=False)
         self.register_buffer("index_map", None, persistent=False)
+        self.register_buffer("silenced", None, persistent=False)
         self._index_buffers(weight.device)
         with torch.no_grad():
             pos = self.active_pos
@@ -62,10 +72,12 @@ class SplitLinear(nn.Module):
 
     # ----------------------------------------------------------------------------------- conversion
     @classmethod
-    def from_module(cls, module: nn.Module, active_pos: Sequence[int], *, backend: str = "auto") -> "SplitLinear":
+    def from_module(cls, module: nn.Module, active_pos: Sequence[int], *, silence: Sequence[int] = (),
+                    backend: str = "auto") -> "SplitLinear":
         """Wrap an ``nn.Linear`` or a transformers ``Conv1D``; shares (does not copy) its parameters."""
         if isinstance(module, nn.Linear) or is_transposed(module):
-            return cls(module.weight, module.bias, active_pos, transposed=is_transposed(module), backend=backend)
+            return cls(module.weight, module.bias, active_pos, transposed=is_transposed(module), silence=silence,
+                       backend=backend)
         raise TypeError(f"SplitLinear wraps nn.Linear or Conv1D, not {type(module).__name__}")
 
     def to_module(self) -> nn.Module:
@@ -91,11 +103,31 @@ class SplitLinear(nn.Module):
         return self
 
     def _index_buffers(self, device: torch.device) -> None:
-        """``active_pos`` and ``index_map`` from the row list, built on the CPU (``make_index_map`` has no meta
-        kernel) and moved to ``device``."""
+        """``active_pos``, ``index_map`` and ``silenced`` from the row lists, built on the CPU
+        (``make_index_map`` has no meta kernel) and moved to ``device``."""
         pos = torch.tensor(self._rows, dtype=torch.long)
         self.index_map = make_index_map(pos, self.out_features).to(device)
         self.active_pos = pos.to(device)
+        self._silence_buffer(device)
+
+    def _silence_buffer(self, device: torch.device) -> None:
+        """``silenced`` (``bool[out]``) from the silenced row list; None when it is empty."""
+        self.silenced = None
+        if self._silenced_rows:
+            silenced = torch.zeros(self.out_features, dtype=torch.bool)
+            silenced[list(self._silenced_rows)] = True
+            self.silenced = silenced.to(device)
+
+    def silence(self, rows: Optional[Sequence[int]]) -> "SplitLinear":
+        """Silence exactly ``rows`` from now on (None or empty: no row); checked first (``ValueError``)."""
+        self._silenced_rows = tuple(check_active_pos(() if rows is None else rows, self.out_features, "silence"))
+        self._silence_buffer(self.active_pos.device)
+        return self
+
+    @property
+    def silenced_rows(self) -> tuple[int, ...]:
+        """The silenced rows, sorted (empty: none)."""
+        return self._silenced_rows
 
     # ---------------------------------------------------------------------------------------- views
     @property
@@ -126,13 +158,14 @@ class SplitLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return split_linear(
             x, self.full_weight(), self.weight_active, self.active_pos, self.bias, self.bias_active,
-            index_map=self.index_map, backend=self.backend,
+            index_map=self.index_map, silenced=self.silenced, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
+        silenced = f"silenced_rows={len(self._silenced_rows)}, " if self._silenced_rows else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"active_rows={self.active_pos.numel()}, bias={self.bias is not None}, backend={self.backend!r}"
+            f"active_rows={self.active_pos.numel()}, {silenced}bias={self.bias is not None}, backend={self.backend!r}"
         )
 
 

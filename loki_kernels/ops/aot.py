@@ -48,7 +48,7 @@ class Case:
     name: str  # e.g. "split_linear.forward/bf16/llama8b"
     build: Callable[[], "object"]  # -> Launch (built in the worker: launches are not picklable)
     contiguous_bytes: Optional[Callable[[dict], int]] = None  # per main-loop step, for GEMMs: bytes that must
-    gathers: bool = False  # an operand is gathered element by element (narrow loads expected)
+    gathers: bool = False  # an operand (or a per-row mask) is loaded element by element (narrow loads expected)
 
 
 @dataclass
@@ -86,32 +86,34 @@ def _split_linear_cases(dtypes, shapes) -> Iterator[Case]:
         esize = torch.tensor([], dtype=dtype).element_size()
         for shape in shapes:
             m, n, k, p = SHAPES[shape]
-            tag = f"{str(dtype).removeprefix('torch.')}/{shape}"
+            # Silenced rows (the SILENCE variant of each kernel): compiled at the Llama-8B shape.
+            for silence in (False, True) if shape == "llama8b" else (False,):
+                tag = f"{str(dtype).removeprefix('torch.')}/{shape}" + ("/silenced" if silence else "")
 
-            def forward(m=m, n=n, k=k, p=p, dtype=dtype):
-                x, y = _meta(m, k, dtype=dtype), _meta(m, n, dtype=dtype)
-                w, wa = _meta(n, k, dtype=dtype), _meta(p, k, dtype=dtype)
-                return forward_launch(x, w, wa, _meta(n, dtype=torch.long), None, None, y)
+                def forward(m=m, n=n, k=k, p=p, dtype=dtype, silence=silence):
+                    x, y = _meta(m, k, dtype=dtype), _meta(m, n, dtype=dtype)
+                    w, wa = _meta(n, k, dtype=dtype), _meta(p, k, dtype=dtype)
+                    return forward_launch(x, w, wa, _meta(n, dtype=torch.long), None, None, y, silence=silence)
 
-            def grad_input(m=m, n=n, k=k, p=p, dtype=dtype):
-                dy, dx = _meta(m, n, dtype=dtype), _meta(m, k, dtype=dtype)
-                w, wa = _meta(n, k, dtype=dtype), _meta(p, k, dtype=dtype)
-                return grad_input_launch(dy, w, wa, _meta(n, dtype=torch.long), dx)
+                def grad_input(m=m, n=n, k=k, p=p, dtype=dtype, silence=silence):
+                    dy, dx = _meta(m, n, dtype=dtype), _meta(m, k, dtype=dtype)
+                    w, wa = _meta(n, k, dtype=dtype), _meta(p, k, dtype=dtype)
+                    return grad_input_launch(dy, w, wa, _meta(n, dtype=torch.long), dx, silence=silence)
 
-            def grad_weight(m=m, n=n, k=k, p=p, dtype=dtype):
-                dy, x, dw = _meta(m, n, dtype=dtype), _meta(m, k, dtype=dtype), _meta(p, k, dtype=dtype)
-                return grad_weight_launch(dy, x, _meta(p, dtype=torch.long), dw)
+                def grad_weight(m=m, n=n, k=k, p=p, dtype=dtype, silence=silence):
+                    dy, x, dw = _meta(m, n, dtype=dtype), _meta(m, k, dtype=dtype), _meta(p, k, dtype=dtype)
+                    return grad_weight_launch(dy, x, _meta(p, dtype=torch.long), dw, silence=silence)
 
-            # Contiguous operand bytes per main-loop step: forward X[BM, BK] and W[BN, BK]; grad_input
-            # dY[BM, BN] and W[BN, BK]; grad_weight only X[BM, BK] (its dY columns are a gather).
-            yield Case(f"split_linear.forward/{tag}", forward,
-                       lambda c, e=esize: (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * e)
-            if dtype == torch.float32:
-                continue  # fp32 gradients run PyTorch on a GPU (split_linear.triton_runs)
-            yield Case(f"split_linear.grad_input/{tag}", grad_input,
-                       lambda c, e=esize: (c["BLOCK_M"] + c["BLOCK_K"]) * c["BLOCK_N"] * e)
-            yield Case(f"split_linear.grad_weight/{tag}", grad_weight,
-                       lambda c, e=esize: c["BLOCK_M"] * c["BLOCK_K"] * e, gathers=True)
+                # Contiguous operand bytes per main-loop step: forward X[BM, BK] and W[BN, BK]; grad_input
+                # dY[BM, BN] and W[BN, BK]; grad_weight only X[BM, BK] (its dY columns are a gather).
+                yield Case(f"split_linear.forward/{tag}", forward,
+                           lambda c, e=esize: (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * e)
+                if dtype == torch.float32:
+                    continue  # fp32 gradients run PyTorch on a GPU (split_linear.triton_runs)
+                yield Case(f"split_linear.grad_input/{tag}", grad_input,
+                           lambda c, e=esize: (c["BLOCK_M"] + c["BLOCK_K"]) * c["BLOCK_N"] * e)
+                yield Case(f"split_linear.grad_weight/{tag}", grad_weight,
+                           lambda c, e=esize: c["BLOCK_M"] * c["BLOCK_K"] * e, gathers=True)
 
 
 def _kva_cases(dtypes) -> Iterator[Case]:
@@ -134,12 +136,33 @@ def _kva_cases(dtypes) -> Iterator[Case]:
         yield Case(f"kva.weighted_grad_sum/{tag}", weighted_grad_sum)
 
 
+def _covariance_cases(dtypes, full: bool) -> Iterator[Case]:
+    from .covariance import covariance_launch
+
+    t = 16384  # tokens of one K-FAC batch; d: Llama hidden sizes and MLP widths (Llama-2-7B's d_ff 11008)
+    for dtype in (d for d in dtypes if d != torch.float32):  # fp32 inputs run PyTorch on a GPU
+        esize = torch.tensor([], dtype=dtype).element_size()
+        for d in (2048, 4096, 8192, 11008) if full else (2048, 4096):  # 2048: token split (atomics)
+            for masked in (True, False) if d == 4096 else (True,):
+
+                def update(d=d, dtype=dtype, masked=masked):
+                    mask = _meta(t, dtype=torch.bool) if masked else None
+                    return covariance_launch(_meta(d, d, dtype=torch.float32), _meta(t, d, dtype=dtype), mask)
+
+                tag = f"{str(dtype).removeprefix('torch.')}/d{d}" + ("" if masked else "-nomask")
+                # Both operand tiles X[BT, BD] are contiguous; the mask is one byte per token (narrow).
+                yield Case(f"covariance.update/{tag}", update,
+                           lambda c, e=esize: 2 * c["BLOCK_T"] * c["BLOCK_D"] * e, gathers=masked)
+
+
 def cases(full: bool = False) -> list[Case]:
-    """The default set covers every kernel and every config for bf16 and fp32 (tf32) at the Llama-8B shape;
-    ``full`` adds fp16 and the Qwen-0.5B shape at 4096 and 1001 tokens."""
+    """The default set covers every kernel and every config for bf16 and fp32 (tf32) at the Llama-8B shape
+    (the covariance update: bf16 at d = 2048 and 4096); ``full`` adds fp16, the Qwen-0.5B shape at 4096 and
+    1001 tokens, and the covariance update at d = 8192 and 11008."""
     dtypes = [torch.bfloat16, torch.float16, torch.float32] if full else [torch.bfloat16, torch.float32]
     shapes = ["llama8b", "qwen0.5b", "ragged"] if full else ["llama8b"]
-    return [*_split_linear_cases(dtypes, shapes), *_kva_cases(dtypes[:1] if not full else dtypes)]
+    return [*_split_linear_cases(dtypes, shapes), *_kva_cases(dtypes[:1] if not full else dtypes),
+            *_covariance_cases(dtypes, full)]
 
 
 # ------------------------------------------------------------------------------------------- compiling
@@ -237,6 +260,10 @@ def check(case: Case, config, target: int) -> Row:
     row = Row(case.name, label, target)
     try:
         launch = case.build()
+        if config is None and "num_warps" in launch.kwargs:  # not autotuned: the launcher chose the tile
+            meta = launch.kwargs
+            row.config = ("x".join(str(v) for k, v in meta.items() if k.startswith("BLOCK_"))
+                          + f" s{meta.get('num_stages', 3)} w{meta['num_warps']}")
         kernel = _compile(launch, config, target)
     except Exception as error:  # noqa: BLE001: any compile failure is the finding
         row.problems.append(f"does not compile: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
@@ -251,9 +278,10 @@ def check(case: Case, config, target: int) -> Row:
         row.problems.append(f"spills {row.spill_bytes} bytes")
     if row.shared > TARGETS[target]:
         row.problems.append(f"shared memory {row.shared} > {TARGETS[target]}")
-    if case.contiguous_bytes is not None and config is not None:
-        threads = 32 * config.num_warps
-        row.expected_wide = case.contiguous_bytes(config.kwargs) // (16 * threads)
+    meta = {**config.kwargs, "num_warps": config.num_warps} if config is not None else launch.kwargs
+    if case.contiguous_bytes is not None and "num_warps" in meta:
+        threads = 32 * meta["num_warps"]
+        row.expected_wide = case.contiguous_bytes(meta) // (16 * threads)
         if row.wide_loads < row.expected_wide:
             row.problems.append(f"{row.wide_loads} 16-byte loads per step, need {row.expected_wide}")
         if row.narrow_loads and not case.gathers:

@@ -28,6 +28,14 @@ H100 that is ``"torch"`` for all three (``benchmarks/results/h100-2026-11-25``).
 
 Neither backend concatenates outputs or gathers them back, and neither ever forms a full-size weight
 gradient. Frozen rows get no gradient at all.
+
+**Silenced rows** (``silenced``, a ``bool[N]`` mask, FNSFT's training-time ``out * m`` without a hook): their
+outputs are zero and their ``dY`` columns are dropped before both gradients. The kernels take the mask as
+-1 entries of the map they already load (:func:`silenced_map`, a compile-time ``SILENCE`` switch, so no mask
+costs nothing): the forward skips the silenced rows' weights and zeroes their outputs in the epilogue, the
+dX kernel loads their weight rows as zeros, the dW kernel zeroes the silenced active rows it wrote. The
+PyTorch path fills the output (and ``dY`` before ``dX``, and the gradient rows of silenced active rows) with
+zeros.
 """
 
 from typing import Optional
@@ -41,7 +49,7 @@ from .common import Launch, device_guard, rows_aligned, shared_memory_limit, upc
 
 __all__ = [
     "split_linear", "choose_plan", "make_index_map", "ordered_rows", "write_back_", "dense_weight",
-    "SplitLinearFunction", "OPS",
+    "silenced_map", "SplitLinearFunction", "OPS",
 ]
 
 # The three ops of a training step, each with its own implementation choice (``backend="auto"``).
@@ -194,10 +202,14 @@ if triton_available():
         x_ptr, w_ptr, wa_ptr, map_ptr, b_ptr, ba_ptr, y_ptr,
         M, N, K, M_BUCKET, NUM_ACTIVE,
         stride_xm, stride_xk, stride_wn, stride_an, stride_ym, stride_yn,
-        HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+        HAS_BIAS: tl.constexpr, SILENCE: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
     ):
-        """Y[m, n] = sum_k X[m, k] * W[n, k] (+ b[n]), each W row read from where index_map says."""
+        """Y[m, n] = sum_k X[m, k] * W[n, k] (+ b[n]), each W row read from where index_map says.
+
+        SILENCE: ``index_map[n] < 0`` marks a silenced row: its W row and bias are not read and Y[:, n] = 0.
+        """
         pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -205,13 +217,17 @@ if triton_available():
         mask_m = offs_m < M
         mask_n = offs_n < N
         src = tl.load(map_ptr + offs_n, mask=mask_n, other=NUM_ACTIVE)
+        rows_n = mask_n  # the rows whose weights are read
+        if SILENCE:
+            kept = src >= 0
+            rows_n = mask_n & kept
         x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
         w_ptrs = _weight_tile(src, offs_k, NUM_ACTIVE, w_ptr, wa_ptr, stride_wn, stride_an)  # [BLOCK_N, BLOCK_K]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         for kk in range(0, tl.cdiv(K, BLOCK_K)):
             k_left = K - kk * BLOCK_K
             x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            w = tl.load(w_ptrs, mask=rows_n[:, None] & (offs_k[None, :] < k_left), other=0.0)
             acc = _dot(x, tl.trans(w), acc, UPCAST, PRECISION)
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K
@@ -220,10 +236,12 @@ if triton_available():
             active = src < NUM_ACTIVE
             bias = tl.where(
                 active,
-                tl.load(ba_ptr + src, mask=mask_n & active, other=0.0),
-                tl.load(b_ptr + (src - NUM_ACTIVE), mask=mask_n & ~active, other=0.0),
+                tl.load(ba_ptr + src, mask=rows_n & active, other=0.0),
+                tl.load(b_ptr + (src - NUM_ACTIVE), mask=rows_n & ~active, other=0.0),
             )
             acc += bias.to(ACC)[None, :]
+        if SILENCE:  # exact zeros, also where X holds inf or nan
+            acc = tl.where(kept[None, :], acc, 0.0)
         y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -233,10 +251,15 @@ if triton_available():
         dy_ptr, w_ptr, wa_ptr, map_ptr, dx_ptr,
         M, N, K, M_BUCKET, NUM_ACTIVE,
         stride_dym, stride_dyn, stride_wn, stride_an, stride_dxm, stride_dxk,
-        UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+        SILENCE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
     ):
-        """dX[m, k] = sum_n dY[m, n] * W[n, k], each W row read from where index_map says."""
+        """dX[m, k] = sum_n dY[m, n] * W[n, k], each W row read from where index_map says.
+
+        SILENCE: a silenced row (``index_map[n] < 0``) is loaded as zeros, which drops dY[:, n] from the sum
+        (the predicate is per row, so the K-contiguous weight rows still load as 16-byte vectors; masking
+        dY's columns instead would split its row-contiguous loads).
+        """
         pid_m, pid_k = _tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -247,13 +270,14 @@ if triton_available():
             offs_n = nn * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
             src = tl.load(map_ptr + offs_n, mask=mask_n, other=NUM_ACTIVE)
+            rows_n = mask_n & (src >= 0) if SILENCE else mask_n
             dy = tl.load(
                 dy_ptr + offs_m[:, None].to(tl.int64) * stride_dym + offs_n[None, :] * stride_dyn,
                 mask=mask_m[:, None] & mask_n[None, :], other=0.0,
             )
             w = tl.load(
                 _weight_tile(src, offs_k, NUM_ACTIVE, w_ptr, wa_ptr, stride_wn, stride_an),
-                mask=mask_n[:, None] & mask_k[None, :], other=0.0,
+                mask=rows_n[:, None] & mask_k[None, :], other=0.0,
             )
             acc = _dot(dy, w, acc, UPCAST, PRECISION)
         dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk
@@ -265,16 +289,23 @@ if triton_available():
         dy_ptr, x_ptr, pos_ptr, dw_ptr,
         M, P, K, M_BUCKET,
         stride_dym, stride_dyn, stride_xm, stride_xk, stride_dwp, stride_dwk,
-        UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+        SILENCE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
     ):
-        """dW_active[p, k] = sum_m dY[m, active_pos[p]] * X[m, k]: only the active rows, gather fused."""
+        """dW_active[p, k] = sum_m dY[m, active_pos[p]] * X[m, k]: only the active rows, gather fused.
+
+        SILENCE: ``active_pos[p] < 0`` marks a silenced active row: dW_active[p] = 0, set after the loop, which
+        runs exactly as without the mask (masking dY's column in the loop instead spills the 64x128 tile on
+        sm_80 under triton 3.9, which already holds 244 registers there; the ahead-of-time check shows it).
+        """
         pid_p, pid_k = _tile(tl.program_id(0), P, K, BLOCK_P, BLOCK_K, GROUP)
         offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_p = offs_p < P
         mask_k = offs_k < K
         cols = tl.load(pos_ptr + offs_p, mask=mask_p, other=0)
+        if SILENCE:  # a silenced row (-1) reads dY's column 0 and is zeroed after the loop
+            cols = tl.maximum(cols, 0)
         offs_m = tl.arange(0, BLOCK_M)
         dyt_ptrs = dy_ptr + offs_m[None, :].to(tl.int64) * stride_dym + cols[:, None] * stride_dyn  # dYᵀ tile
         x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
@@ -286,8 +317,12 @@ if triton_available():
             acc = _dot(dyt, x, acc, UPCAST, PRECISION)
             dyt_ptrs += BLOCK_M * stride_dym
             x_ptrs += BLOCK_M * stride_xm
+        dw = acc.to(dw_ptr.dtype.element_ty)
+        if SILENCE:  # the predicate is reloaded, not kept live through the loop
+            kept = tl.load(pos_ptr + offs_p, mask=mask_p, other=0) >= 0
+            dw = tl.where(kept[:, None], dw, 0.0)
         dw_ptrs = dw_ptr + offs_p[:, None].to(tl.int64) * stride_dwp + offs_k[None, :] * stride_dwk
-        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_k[None, :])
+        tl.store(dw_ptrs, dw, mask=mask_p[:, None] & mask_k[None, :])
 
 
 def _bucket(m: int) -> int:
@@ -329,8 +364,12 @@ def _grid(rows: int, cols: int, block_rows: str, block_cols: str):
 
 
 def forward_launch(x: Tensor, weight: Tensor, weight_active: Tensor, index_map: Tensor,
-                   bias: Optional[Tensor], bias_active: Optional[Tensor], y: Tensor) -> Launch:
-    """``y = x Wᵀ (+ b)`` for a 2-D ``x [M, K]`` into ``y [M, N]``; M, N, K > 0; weights :func:`rows_aligned`."""
+                   bias: Optional[Tensor], bias_active: Optional[Tensor], y: Tensor, *,
+                   silence: bool = False) -> Launch:
+    """``y = x Wᵀ (+ b)`` for a 2-D ``x [M, K]`` into ``y [M, N]``; M, N, K > 0; weights :func:`rows_aligned`.
+
+    ``silence``: ``index_map`` is a :func:`silenced_map` (negative entries: rows whose output is zero).
+    """
     (m, k), n = x.shape, index_map.numel()
     has_bias = bias is not None
     b = bias if has_bias else weight  # never read when HAS_BIAS is False
@@ -340,13 +379,16 @@ def forward_launch(x: Tensor, weight: Tensor, weight_active: Tensor, index_map: 
         (x, weight, weight_active, index_map, b, ba, y,
          m, n, k, _bucket(m), weight_active.shape[0],
          x.stride(0), x.stride(1), weight.stride(0), weight_active.stride(0), y.stride(0), y.stride(1)),
-        dict(HAS_BIAS=has_bias, **_kernel_flags(x.dtype)),
+        dict(HAS_BIAS=has_bias, SILENCE=silence, **_kernel_flags(x.dtype)),
     )
 
 
 def grad_input_launch(grad_out: Tensor, weight: Tensor, weight_active: Tensor, index_map: Tensor,
-                      dx: Tensor) -> Launch:
-    """``dx = dY W`` for ``grad_out [M, N]`` into ``dx [M, K]``; M, N, K > 0; weights :func:`rows_aligned`."""
+                      dx: Tensor, *, silence: bool = False) -> Launch:
+    """``dx = dY W`` for ``grad_out [M, N]`` into ``dx [M, K]``; M, N, K > 0; weights :func:`rows_aligned`.
+
+    ``silence``: ``index_map`` is a :func:`silenced_map`; the silenced rows' columns of dY are left out.
+    """
     (m, n), k = grad_out.shape, weight.shape[1]
     return Launch(
         "split_linear.grad_input", _grad_input_kernel, _grid(m, k, "BLOCK_M", "BLOCK_K"),
@@ -354,80 +396,102 @@ def grad_input_launch(grad_out: Tensor, weight: Tensor, weight_active: Tensor, i
          m, n, k, _bucket(m), weight_active.shape[0],
          grad_out.stride(0), grad_out.stride(1), weight.stride(0), weight_active.stride(0),
          dx.stride(0), dx.stride(1)),
-        _kernel_flags(grad_out.dtype),
+        dict(SILENCE=silence, **_kernel_flags(grad_out.dtype)),
     )
 
 
-def grad_weight_launch(grad_out: Tensor, x: Tensor, active_pos: Tensor, dw: Tensor) -> Launch:
-    """``dw = dY[:, active_pos]ᵀ X`` into ``dw [P, K]``; M, P, K > 0."""
+def grad_weight_launch(grad_out: Tensor, x: Tensor, active_pos: Tensor, dw: Tensor, *,
+                       silence: bool = False) -> Launch:
+    """``dw = dY[:, active_pos]ᵀ X`` into ``dw [P, K]``; M, P, K > 0.
+
+    ``silence``: ``active_pos`` holds -1 for the silenced active rows, whose ``dw`` rows are zero.
+    """
     (m, k), p = x.shape, active_pos.numel()
     return Launch(
         "split_linear.grad_weight", _grad_weight_kernel, _grid(p, k, "BLOCK_P", "BLOCK_K"),
         (grad_out, x, active_pos, dw,
          m, p, k, _bucket(m),
          grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1), dw.stride(0), dw.stride(1)),
-        _kernel_flags(x.dtype),
+        dict(SILENCE=silence, **_kernel_flags(x.dtype)),
     )
+
+
+def silenced_map(index_map: Tensor, silenced: Tensor) -> Tensor:
+    """``index_map`` with -1 at the silenced rows: the kernels' form of the mask (``SILENCE``).
+
+    The kernels load ``index_map`` anyway (8-byte loads per weight row), so the mask costs them no load of
+    its own; a row whose entry is negative is neither read nor written.
+    """
+    return index_map.masked_fill(silenced, -1)
 
 
 # The launchers are torch.library custom ops, so torch.compile sees them as opaque calls.
 @torch.library.custom_op("loki_kernels::split_linear_forward", mutates_args=())
 def triton_forward(
     x: Tensor, weight: Tensor, weight_active: Tensor, index_map: Tensor,
-    bias: Optional[Tensor], bias_active: Optional[Tensor],
+    bias: Optional[Tensor], bias_active: Optional[Tensor], silenced: Optional[Tensor] = None,
 ) -> Tensor:
-    """Triton forward on a 2-D ``x``: ``[M, K] -> [M, N]``."""
+    """Triton forward on a 2-D ``x``: ``[M, K] -> [M, N]``; ``silenced`` (``bool[N]``) rows are zero."""
     (m, k), n = x.shape, index_map.numel()  # k: in features here (the reduced dimension)
     y = x.new_empty((m, n))
     if m == 0 or n == 0:
         return y
     if k == 0:
-        return y.zero_() if bias is None else y.copy_(ordered_rows(bias_active, bias, index_map).expand(m, n))
+        y = y.zero_() if bias is None else y.copy_(ordered_rows(bias_active, bias, index_map).expand(m, n))
+        return y if silenced is None else y.masked_fill_(silenced, 0)
+    silence = silenced is not None
+    rows = silenced_map(index_map, silenced) if silence else index_map
     with device_guard(x):
-        forward_launch(x, weight, weight_active, index_map, bias, bias_active, y)()
+        forward_launch(x, weight, weight_active, rows, bias, bias_active, y, silence=silence)()
     return y
 
 
 @triton_forward.register_fake
-def _(x, weight, weight_active, index_map, bias, bias_active):
+def _(x, weight, weight_active, index_map, bias, bias_active, silenced=None):
     return x.new_empty((x.shape[0], index_map.shape[0]))
 
 
 @torch.library.custom_op("loki_kernels::split_linear_grad_input", mutates_args=())
-def triton_grad_input(grad_out: Tensor, weight: Tensor, weight_active: Tensor, index_map: Tensor) -> Tensor:
-    """Triton ``dX = dY W`` on a 2-D ``grad_out``: ``[M, N] -> [M, K]``."""
+def triton_grad_input(grad_out: Tensor, weight: Tensor, weight_active: Tensor, index_map: Tensor,
+                      silenced: Optional[Tensor] = None) -> Tensor:
+    """Triton ``dX = dY W`` on a 2-D ``grad_out``: ``[M, N] -> [M, K]``, without the ``silenced`` columns."""
     (m, n), k = grad_out.shape, weight.shape[1]
     dx = grad_out.new_empty((m, k))
     if m == 0 or k == 0:
         return dx
     if n == 0:
         return dx.zero_()
+    silence = silenced is not None
+    rows = silenced_map(index_map, silenced) if silence else index_map
     with device_guard(grad_out):
-        grad_input_launch(grad_out, weight, weight_active, index_map, dx)()
+        grad_input_launch(grad_out, weight, weight_active, rows, dx, silence=silence)()
     return dx
 
 
 @triton_grad_input.register_fake
-def _(grad_out, weight, weight_active, index_map):
+def _(grad_out, weight, weight_active, index_map, silenced=None):
     return grad_out.new_empty((grad_out.shape[0], weight.shape[1]))
 
 
 @torch.library.custom_op("loki_kernels::split_linear_grad_weight", mutates_args=())
-def triton_grad_weight(grad_out: Tensor, x: Tensor, active_pos: Tensor) -> Tensor:
-    """Triton ``dW_active = dY[:, active_pos]ᵀ X``: ``[P, K]`` in ``x``'s dtype."""
+def triton_grad_weight(grad_out: Tensor, x: Tensor, active_pos: Tensor,
+                       silenced: Optional[Tensor] = None) -> Tensor:
+    """Triton ``dW_active = dY[:, active_pos]ᵀ X``: ``[P, K]`` in ``x``'s dtype; ``silenced`` rows' are zero."""
     (m, k), p = x.shape, active_pos.numel()
     dw = x.new_empty((p, k))
     if p == 0 or k == 0:
         return dw
     if m == 0:
         return dw.zero_()
+    silence = silenced is not None
+    cols = active_pos.masked_fill(silenced.index_select(0, active_pos), -1) if silence else active_pos
     with device_guard(x):
-        grad_weight_launch(grad_out, x, active_pos, dw)()
+        grad_weight_launch(grad_out, x, cols, dw, silence=silence)()
     return dw
 
 
 @triton_grad_weight.register_fake
-def _(grad_out, x, active_pos):
+def _(grad_out, x, active_pos, silenced=None):
     return x.new_empty((active_pos.numel(), x.shape[1]))
 
 
@@ -449,18 +513,21 @@ class SplitLinearFunction(torch.autograd.Function):
     """``x [..., K] -> y [..., N]``. Gradients flow to ``x``, ``weight_active`` and ``bias_active`` only.
 
     ``plan`` names the implementation of each op: ``(forward, grad_input, grad_weight)``, each ``"triton"`` or
-    ``"torch"`` (:func:`loki_kernels.backend.resolve_plan`).
+    ``"torch"`` (:func:`loki_kernels.backend.resolve_plan`). ``silenced`` (``bool[N]`` or None): rows whose
+    output is zero and whose ``dY`` column is dropped before ``dX`` and ``dW_active`` (see :func:`split_linear`).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, weight_active, bias, bias_active, active_pos, index_map, plan):
+    def forward(ctx, x, weight, weight_active, bias, bias_active, active_pos, index_map, silenced, plan):
         x2d = x.reshape(-1, x.shape[-1])
         dense = None
         if plan[0] == "triton":
-            y = triton_forward(x2d, weight, weight_active, index_map, bias, bias_active)
+            y = triton_forward(x2d, weight, weight_active, index_map, bias, bias_active, silenced)
         else:
             dense, dense_bias = dense_weight(weight, weight_active, active_pos, index_map, bias, bias_active)
             y = F.linear(x2d, dense, dense_bias)
+            if silenced is not None:
+                y.masked_fill_(silenced, 0)
         # The weights are held as attributes: the torch path rewrites the active rows of a full weight on
         # every call, which is harmless (same values) but would trip save_for_backward's version check.
         ctx.weight, ctx.dense, ctx.plan, ctx.x_shape = weight, dense, plan, x.shape
@@ -469,32 +536,40 @@ class SplitLinearFunction(torch.autograd.Function):
             weight_active if ctx.needs_input_grad[0] else None,
             active_pos,
             index_map,
+            silenced,
         )
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2d, weight_active, active_pos, index_map = ctx.saved_tensors
+        x2d, weight_active, active_pos, index_map, silenced = ctx.saved_tensors
         dy = grad_out.reshape(-1, grad_out.shape[-1])
+        # Silenced rows: one masked_fill of dY before the PyTorch dX; on the weight-gradient side the
+        # gathered rows are zeroed after the GEMM (k rows, not a pass over dY). The kernels mask on the load.
+        silenced_active = None if silenced is None else silenced.index_select(0, active_pos)[:, None]
         grad_x = grad_wa = grad_ba = None
         if ctx.needs_input_grad[0]:
             if ctx.plan[1] == "triton":
-                grad_x = triton_grad_input(dy, ctx.weight, weight_active, index_map)
+                grad_x = triton_grad_input(dy, ctx.weight, weight_active, index_map, silenced)
             else:
                 dense = ctx.dense
                 if dense is None:  # the forward ran Triton and left the full weight's active rows stale
                     dense = dense_weight(ctx.weight, weight_active, active_pos, index_map)[0]
-                grad_x = dy @ dense
+                grad_x = (dy if silenced is None else dy.masked_fill(silenced, 0)) @ dense
             grad_x = grad_x.view(ctx.x_shape)
         if ctx.needs_input_grad[2]:
             if ctx.plan[2] == "triton":
-                grad_wa = triton_grad_weight(dy, x2d, active_pos)
+                grad_wa = triton_grad_weight(dy, x2d, active_pos, silenced)
             else:  # gathered rows of dYᵀ: a [k, M] operand with leading dimension M (dY[:, pos]ᵀ has k,
                 # which for most k is not 16-byte aligned and slows cuBLAS several times)
                 grad_wa = dy.t().index_select(0, active_pos) @ x2d
+                if silenced is not None:
+                    grad_wa.masked_fill_(silenced_active, 0)
         if ctx.needs_input_grad[4]:
             grad_ba = dy.index_select(1, active_pos).sum(0)
-        return grad_x, None, grad_wa, None, grad_ba, None, None, None
+            if silenced is not None:
+                grad_ba.masked_fill_(silenced_active[:, 0], 0)
+        return grad_x, None, grad_wa, None, grad_ba, None, None, None, None
 
 
 def choose_plan(x: Tensor, weight: Tensor, weight_active: Tensor, backend: str = "auto") -> tuple[str, str, str]:
@@ -515,10 +590,15 @@ def choose_plan(x: Tensor, weight: Tensor, weight_active: Tensor, backend: str =
     )
 
 
-def _check_inputs(x, weight, weight_active, active_pos, bias, bias_active, index_map):
+def _check_inputs(x, weight, weight_active, active_pos, bias, bias_active, index_map, silenced):
     n, k_active = index_map.numel(), active_pos.numel()
     if index_map.dim() != 1:
         raise ValueError(f"split_linear: index_map must be 1-D, got shape {tuple(index_map.shape)}")
+    if silenced is not None and (silenced.dtype != torch.bool or silenced.shape != (n,)):
+        raise ValueError(
+            f"split_linear: silenced must be a bool tensor of shape ({n},), got {silenced.dtype} "
+            f"of shape {tuple(silenced.shape)}"
+        )
     if weight.dim() != 2 or weight.shape[0] not in (n, n - k_active):
         raise ValueError(
             f"split_linear: weight has shape {tuple(weight.shape)}; expected ({n}, K) (all rows) or "
@@ -553,6 +633,7 @@ def split_linear(
     bias_active: Optional[Tensor] = None,
     *,
     index_map: Optional[Tensor] = None,
+    silenced: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> Tensor:
     """``y = x Wᵀ + b`` where rows ``active_pos`` of ``W``/``b`` come from ``weight_active``/``bias_active``.
@@ -567,6 +648,10 @@ def split_linear(
         bias, bias_active: ``[N]`` (``[N - k]`` compact) and ``[k]``, or both ``None``.
         index_map: ``make_index_map(active_pos, N, compact=...)``. Required for the compact layout; for the
             full layout it is computed when not given (modules cache it).
+        silenced: ``bool[N]`` or None. ``True`` at row ``n`` silences it: ``y[..., n] = 0`` (bias included,
+            exact zeros) and its ``dY`` column is dropped before ``dX`` and ``dW_active``, so a silenced row
+            contributes nothing anywhere (an active silenced row gets a zero gradient). The weights are not
+            touched. None (the default) costs nothing: the kernels compile without the mask.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :mod:`loki_kernels.backend`).
 
     Under autocast, inputs are cast to the autocast dtype like ``F.linear`` does.
@@ -579,7 +664,8 @@ def split_linear(
         x, weight, weight_active = x.to(dtype), weight.to(dtype), weight_active.to(dtype)
         if bias is not None:
             bias, bias_active = bias.to(dtype), bias_active.to(dtype)
-    _check_inputs(x, weight, weight_active, active_pos, bias, bias_active, index_map)
+    _check_inputs(x, weight, weight_active, active_pos, bias, bias_active, index_map, silenced)
     plan = choose_plan(x, weight, weight_active, backend)
     with torch.autocast(device_type, enabled=False):
-        return SplitLinearFunction.apply(x, weight, weight_active, bias, bias_active, active_pos, index_map, plan)
+        return SplitLinearFunction.apply(
+            x, weight, weight_active, bias, bias_active, active_pos, index_map, silenced, plan)

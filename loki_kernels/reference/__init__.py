@@ -9,8 +9,11 @@ One file per original:
 * :mod:`.kfac_collect`: the K-FAC factor collection of ``memorization_kfac`` (hooks, mean loss, layer groups).
 * :mod:`.kfac_original`: the K-FAC edit of ``memorization_kfac``: the heap-loop pair selection
   (:func:`~.kfac_original.top_pairs_by_product`), the product and per-factor projections, the fork's ablation.
+* :mod:`.fnsft_anti_drift`: FunctionalNetworksSFT's training-time ``out * m`` masks and its anti-drift
+  parametrisation ``W_eff = frozen + row_mask ⊙ delta`` (full fine-tuning mode).
 """
 
+from .fnsft_anti_drift import apply_component_masks, apply_row_parametrizations, remove_row_parametrizations
 from .kfac_collect import collect_factors_original
 from .kfac_original import top_pairs_by_product
 from .kva_captum import captum_loop
@@ -18,4 +21,4 @@ from .kva_paper import paper_estimator
 from .loki_linear import LoKILinear, apply_reference_loki
 
 __all__ = ["LoKILinear", "apply_reference_loki", "paper_estimator", "captum_loop", "collect_factors_original",
-           "top_pairs_by_product"]
+           "top_pairs_by_product", "apply_component_masks", "apply_row_parametrizations", "remove_row_parametrizations"]

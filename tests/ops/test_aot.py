@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 from loki_kernels.ops.aot import _count, main_loop  # noqa: E402
 
 KERNELS = {"split_linear.forward", "split_linear.grad_input", "split_linear.grad_weight", "kva.interpolate",
-           "kva.weighted_grad_sum"}
+           "kva.weighted_grad_sum", "covariance.update"}
 
 
 def test_every_kernel_and_config_compiles_well_for_sm80_and_sm90(tmp_path):
@@ -42,6 +42,13 @@ def test_every_kernel_and_config_compiles_well_for_sm80_and_sm90(tmp_path):
     # The check sees what it is meant to see: grad_weight gathers dY's columns element by element.
     assert all(r["narrow_loads"] > 0 for r in gemm if r["kernel"].startswith("split_linear.grad_weight"))
     assert all(r["wide_loads"] >= r["expected_wide"] > 0 for r in gemm)
+    # The covariance kernel: tensor cores (wgmma on Hopper), both operand tiles by 16-byte copies, at every
+    # d including the token-split (atomic) launch at d = 2048; the pad mask is its only narrow load.
+    cov = [r for r in rows if r["kernel"].startswith("covariance.update")]
+    assert {r["kernel"].split("/")[2] for r in cov} >= {"d2048", "d4096", "d8192", "d11008", "d4096-nomask"}
+    assert all(r["mma"] == ("wgmma" if r["target"] == 90 else "mma") for r in cov)
+    assert all(r["wide_loads"] >= r["expected_wide"] > 0 for r in cov)
+    assert all((r["narrow_loads"] > 0) != r["kernel"].endswith("nomask") for r in cov)
 
 
 PTX = """

@@ -285,3 +285,145 @@ def test_auto_takes_each_ops_measured_choice(monkeypatch):
     assert resolve_plan("triton", cuda, OPS) == ("triton",) * 3  # named explicitly: every op
     monkeypatch.setenv(ENV_VAR, "triton")
     assert resolve_plan("auto", cuda, OPS) == ("triton",) * 3  # the environment replaces "auto" likewise
+
+
+# ------------------------------------------------------------------------------------- silenced rows
+def _silenced(kind: str, active: torch.Tensor, n: int = N) -> torch.Tensor:
+    """A ``bool[n]`` mask: "none" (the mask path with no row set), "some" (a random third), "all", or
+    "overlap" (some active and some frozen rows, so that silenced ∩ active and silenced ∩ frozen are non-empty)."""
+    silenced = torch.zeros(n, dtype=torch.bool)
+    if kind == "some":
+        silenced[torch.randperm(n)[: n // 3]] = True
+    elif kind == "all":
+        silenced[:] = True
+    elif kind == "overlap":
+        frozen = make_index_map(active, n) >= len(active)
+        silenced[active[torch.randperm(len(active))[:2]]] = True
+        silenced[frozen.nonzero().flatten()[torch.randperm(int(frozen.sum()))[:3]]] = True
+    return silenced.to(DEVICE)
+
+
+def _masked_ref(inputs, dy, silenced, index_map=None):
+    """float64 reference from the operands the op sees: the dense layer, outputs and dY zeroed at ``silenced``."""
+    rows = inputs["active_pos"].cpu()
+    weight = inputs["weight"].detach().double().cpu()
+    if index_map is not None:  # compact layout: the frozen rows only
+        full = torch.empty(N, K, dtype=torch.float64)
+        frozen = make_index_map(rows, N) >= len(rows)
+        full[frozen] = weight
+        weight = full
+    w = weight.clone()
+    w[rows] = inputs["weight_active"].detach().double().cpu()
+    keep = (~silenced.cpu()).double()
+    x = inputs["x"].detach().double().cpu().reshape(-1, K)
+    dym = dy.detach().double().cpu().reshape(-1, N) * keep
+    y = x @ w.t()
+    if inputs["bias"] is not None:
+        b = torch.empty(N, dtype=torch.float64)
+        bias = inputs["bias"].double().cpu()
+        if index_map is not None:
+            b[make_index_map(rows, N) >= len(rows)] = bias
+        else:
+            b = bias.clone()
+        b[rows] = inputs["bias_active"].detach().double().cpu()
+        y = y + b
+    return dict(y=y * keep, dx=dym @ w, dwa=(dym.t() @ x)[rows], dba=dym.sum(0)[rows])
+
+
+# (active rows, silenced rows, dtype): every mask with some active rows in both dtypes; no and all active rows
+# with a partial and a full mask.
+SILENCE_CASES = [
+    *[("some", silence, dtype) for silence in ("none", "some", "all", "overlap")
+      for dtype in (torch.float32, torch.float16)],
+    *[(rows, silence, torch.float32) for rows in ("none", "all") for silence in ("some", "all")],
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows, silence, dtype", SILENCE_CASES, ids=[f"{r}-{s}-{d}" for r, s, d in SILENCE_CASES])
+def test_silenced_rows_match_float64(backend, rows, silence, dtype):
+    """y[:, n] = 0 (bias too) and dY[:, n] dropped before dX and dW for silenced rows n, both backends."""
+    rows = _rows(rows)
+    inputs, dy, _ = _case(dtype, rows, bias=True, lead=(3, 13))
+    silenced = _silenced(silence, rows)
+    frozen_before = inputs["weight"].clone()
+    ref = _masked_ref(inputs, dy, silenced)
+
+    y = split_linear(**inputs, silenced=silenced, backend=backend)
+    y.backward(dy)
+
+    tol = TOL[dtype]
+    assert rel_err(y.reshape(-1, N), ref["y"]) <= tol
+    assert rel_err(inputs["x"].grad.reshape(-1, K), ref["dx"]) <= tol
+    assert torch.count_nonzero(y[..., silenced]) == 0  # exact zeros, bias included
+    if len(rows):
+        assert rel_err(inputs["weight_active"].grad, ref["dwa"]) <= tol
+        assert rel_err(inputs["bias_active"].grad, ref["dba"]) <= tol
+        silenced_active = silenced[inputs["active_pos"]]
+        assert torch.count_nonzero(inputs["weight_active"].grad[silenced_active]) == 0
+        assert torch.count_nonzero(inputs["bias_active"].grad[silenced_active]) == 0
+    if silence == "all":
+        assert torch.count_nonzero(inputs["x"].grad) == 0
+    frozen = make_index_map(inputs["active_pos"], N) >= len(rows)
+    assert torch.equal(inputs["weight"][frozen], frozen_before[frozen])  # the mask never edits weights
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_silenced_rows_compact_layout_and_3d(backend, bias):
+    rows = _rows("some")
+    inputs, dy, _ = _case(torch.float32, rows, bias, lead=(2, 3, 7))
+    frozen = make_index_map(rows.to(DEVICE), N) >= len(rows)
+    inputs["weight"] = inputs["weight"][frozen].contiguous()
+    if bias:
+        inputs["bias"] = inputs["bias"][frozen].contiguous()
+    index_map = make_index_map(inputs["active_pos"], N, compact=True)
+    silenced = _silenced("overlap", rows)
+    ref = _masked_ref(inputs, dy, silenced, index_map=index_map)
+    y = split_linear(**inputs, index_map=index_map, silenced=silenced, backend=backend)
+    y.backward(dy)
+    tol = TOL[torch.float32]
+    assert rel_err(y.reshape(-1, N), ref["y"]) <= tol
+    assert rel_err(inputs["x"].grad.reshape(-1, K), ref["dx"]) <= tol
+    assert rel_err(inputs["weight_active"].grad, ref["dwa"]) <= tol
+    if bias:
+        assert rel_err(inputs["bias_active"].grad, ref["dba"]) <= tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_silenced_gradcheck_float64(backend):
+    rows = torch.tensor([1, 4, 6], device=DEVICE)
+    silenced = torch.zeros(9, dtype=torch.bool, device=DEVICE)
+    silenced[[4, 7, 8]] = True  # one active row, two frozen ones
+    w = torch.randn(9, 4, dtype=torch.float64, device=DEVICE)
+    b = torch.randn(9, dtype=torch.float64, device=DEVICE)
+    x = torch.randn(3, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    wa = torch.randn(3, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    ba = torch.randn(3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+
+    def fn(x, wa, ba):
+        return split_linear(x, w, wa, rows, b, ba, silenced=silenced, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (x, wa, ba))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_silenced_outputs_are_exact_zeros_with_nonfinite_inputs(backend):
+    """Silencing is a select, not FNSFT's ``out * m``: inf or nan in x still gives 0 on silenced rows."""
+    rows = _rows("some")
+    inputs, _, _ = _case(torch.float32, rows, bias=True)
+    with torch.no_grad():
+        inputs["x"][0, 3] = float("inf")
+        inputs["x"][1, 5] = float("nan")
+    silenced = _silenced("overlap", rows)
+    y = split_linear(**inputs, silenced=silenced, backend=backend)
+    assert torch.count_nonzero(y[..., silenced]) == 0 and not torch.isnan(y[..., silenced]).any()
+    assert torch.isfinite(y[2:]).all()
+
+
+def test_silenced_mask_is_checked():
+    inputs, _, _ = _case(torch.float32, _rows("some"), bias=True)
+    with pytest.raises(ValueError, match=r"silenced must be a bool tensor of shape \(29,\), got torch.float32"):
+        split_linear(**inputs, silenced=torch.zeros(N, device=DEVICE))
+    with pytest.raises(ValueError, match=r"of shape \(28,\)"):
+        split_linear(**inputs, silenced=torch.zeros(N - 1, dtype=torch.bool, device=DEVICE))
