@@ -16,9 +16,10 @@ Providers:
 
 ρ = 0.6 (the paper's; ~1.6e4 and ~2.3e4 pairs on these spectra) and ρ = 0.9, where the kept set is ~5.7e5
 (1B shape) and ~1.0e6 (7B shape) pairs, which is what caps the heap loop's time here (8-30 µs per pair on
-a shared 2-core CPU: 4-17 s and 8-32 s; larger sets are not timed). ``extra_info``: provider, m, n, rho, ``pairs`` (the kept-set size), ``fraction`` of all pairs,
-``median_ms``, and on the heap case ``speedup_of_vectorised`` (heap time / the vectorised median, when the
-vectorised case of the group ran first, as it does in file order).
+a shared 2-core CPU: 4-17 s and 8-32 s; larger sets are not timed). ``extra_info``: provider, m, n, rho,
+``pairs`` (the kept-set size), ``fraction`` of all pairs, ``median_ms``, and on the heap case
+``speedup_of_vectorised`` (heap time / the vectorised median, when the vectorised case of the group ran first,
+as it does in file order).
 
 **Collection** (``test_collect``): tokens/s of gathering the K-FAC factors of gate, up and down of N layers
 (MC Fisher, sampled labels, seed 0), over one batch of random tokens, on a random Llama: on a CPU-only machine

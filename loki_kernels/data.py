@@ -478,7 +478,8 @@ def chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool = F
     """``messages`` through the tokenizer's chat template, tokenized exactly once.
 
     The rendered text already holds every special token the template writes (its BOS included), so it is
-    tokenized with ``add_special_tokens=False``: no second BOS (the logic of ``loki.knowledge.chat_prompt_ids``).
+    tokenized with ``add_special_tokens=False``: no second BOS (``loki.knowledge.chat_prompt_ids`` asks its
+    questions through it).
     """
     if not _has_chat_template(tokenizer):
         raise ValueError("the tokenizer has no chat_template")

@@ -17,6 +17,8 @@ import string
 import unicodedata
 from dataclasses import dataclass
 
+from loki_kernels.data import chat_ids
+
 __all__ = ["Probe", "GENERAL_KNOWLEDGE", "fictional_facts", "chat_prompt_ids", "normalize", "is_correct"]
 
 
@@ -245,7 +247,5 @@ def chat_prompt_ids(tokenizer, question: str) -> list[int]:
     template get the bare question (with the tokenizer's own special tokens, once).
     """
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                             add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return chat_ids(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True)
     return tokenizer(question)["input_ids"]

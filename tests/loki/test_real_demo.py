@@ -91,7 +91,8 @@ def test_learnt_is_greedy_decoding_writing_the_answer_and_stopping(real_model):
         gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
                              pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
         reply = tok.decode(gen, skip_special_tokens=True)
-        if gen[-1] == tok.eos_token_id and tok(reply, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] == gen:
+        retokenized = tok(reply, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        if gen[-1] == tok.eos_token_id and retokenized == gen:
             own.append(Probe(q, (reply,)))
     assert len(own) >= 3, "the model should finish some short replies within 24 tokens"
     assert learnt(model, tok, own) == 100.0
