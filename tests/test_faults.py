@@ -1197,5 +1197,6 @@ def test_help_output_shows_defaults_end_to_end():
     done = subprocess.run([sys.executable, "-m", "loki.cli", "demo", "--help"], capture_output=True, text=True)
     text = " ".join(done.stdout.split())
     assert done.returncode == 0
-    assert "(default: 400 tiny model, 24 pretrained model)" in text and "(default: loki_demo)" in text
+    assert "(default: 400 tiny model; pretrained model: at most 40" in text
+    assert "(default: loki_demo, ica_demo or kfac_demo)" in text
     assert "(default: 0)" in text and "(default: None)" not in text

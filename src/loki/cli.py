@@ -158,6 +158,8 @@ def run_analyse(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from .real_models import REAL_MODELS
 
+    if args.out_dir is None:
+        args.out_dir = Path(f"{args.method}_demo")
     if args.method != "loki":
         return _run_method_demo(args)
     if args.data is not None and args.model is None:
@@ -317,12 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quota", type=float, default=DEFAULT_QUOTA, help="percentage of down_proj rows to train")
     p.add_argument("--steps", type=int, default=None,
                    help="implant steps for every method (default: 400 tiny model; pretrained model: at most 40, "
-                        "each run stopping once 90%% of the new facts are learnt)")
+                        "each run stopping once 90%% of the new facts are learnt); ica/kfac: their tiny model's "
+                        "training steps")
     p.add_argument("--lr", type=float, nargs="+", default=None,
                    help="learning rates every method runs instead of its own sweep (default: per method, see "
                         "loki/demo.py and loki/real_demo.py); the tiny or --data demo takes one")
     p.add_argument("--batch-size", type=int, default=None, help="implant batch size (default: 32 tiny, 6 pretrained)")
-    p.add_argument("--out-dir", type=Path, default=Path("loki_demo"), help="where the table, JSON and PNG go")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where the table, JSON and PNG go (default: loki_demo, ica_demo or kfac_demo)")
     p.add_argument("--model", default=None,
                    help=f"a pretrained chat model instead of the tiny one: a local directory, or {_REAL}; without "
                         "--data it is probed with the built-in general-knowledge questions and taught fictional facts")
@@ -337,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .kfac_cli import add_kfac_commands  # as eval_cli: it imports UserError from this module
 
     add_kfac_commands(command)
+    from .ica_cli import add_ica_commands  # as eval_cli: it imports UserError from this module
+
+    add_ica_commands(command)
     return parser
 
 

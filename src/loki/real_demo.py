@@ -51,9 +51,9 @@ class RealDemoArgs:
     seeds: int = 3  # seeds seed, seed+1, ...: the sweep runs on the first, the others at each method's rate
     quota: float = 10.0
     steps: int = 40  # at most; a run stops once the new task is learnt (see check_every)
-    check_every: int = 4  # steps between teacher-forced checks of the new task
+    check_every: int = 2  # steps between teacher-forced checks of the new task
     batch_size: int = 6
-    new_facts: int = 16
+    new_facts: int = 12
     probes: Optional[int] = None  # the first N general-knowledge questions (None: all)
     kva_probes: int = 16  # at most this many kept probes are attributed
     threshold: float = 90.0  # new-task accuracy (%) a run stops at and a learning rate must reach
