@@ -14,18 +14,19 @@ timed. The activations come from a synthetic generator (:func:`synthetic_source`
   templates, so a smaller sketch gives the same templates for less work). ``extra_info``:
   ``median_s``, ``speedup_vs_fnsft`` and ``mean_iou_vs_fnsft`` (the matched IoU of the two template sets;
   the FNSFT case of a size runs first), and, when benchmarking (not under ``--benchmark-disable``), the peak
-  memory of one run in a fresh subprocess (``peak_rss_mib``: the high-water RSS ``VmHWM``, reset just before the
-  run, above the RSS then; on CUDA also ``cuda_peak_mib``). FNSFT's subprocess holds the matrix it needs (counted); ours streams
-  the generator's blocks and never holds it. ``predicted_mib``: :func:`loki_kernels.ica.stream_memory_bytes`
-  for ours, :func:`fnsft_peak_bytes` for FNSFT's matrix pipeline.
+  memory of one run in a fresh subprocess (``peak_rss_mib``: the high-water RSS ``VmHWM``, reset just before
+  the run, above the RSS then; on CUDA also ``cuda_peak_mib``). FNSFT's subprocess holds the matrix it needs
+  (counted); ours streams the generator's blocks and never holds it. ``predicted_mib``:
+  :func:`loki_kernels.ica.stream_memory_bytes` for ours, :func:`fnsft_peak_bytes` for FNSFT's matrix pipeline.
 * ``test_llama8b_feature_space``: the memory model at Llama-3-8B's feature space (32 × 4096 features,
   100 × 512 tokens) against a 24 GB budget, and FNSFT's model there. With CUDA and ``LOKI_ICA_SIZES=24gb``
   it also streams the synthetic generator at that size and a random width-4096 Llama with 4 layers over
   100 × 512 tokens, reporting ``torch.cuda.max_memory_allocated`` above the model.
 
-Sizes (``LOKI_ICA_SIZES``): ``ci`` (default) 512 × 1024 and 1024 × 2048; ``large`` adds 2048 × 4096,
-4096 × 8192 and 8192 × 16384; ``24gb`` (for a GPU machine) adds FNSFT's largest size in 24 GB at 32 768 features
-(:func:`fnsft_peak_bytes`) and ours alone at twice those tokens and at 51 200 × 131 072.
+Sizes (``LOKI_ICA_SIZES``): ``ci`` (default) 512 × 1024 and 1024 × 2048; ``large`` adds 4096 × 8192,
+8192 × 16384 and 16384 × 16384 (FNSFT's matrix pipeline peaks at ~3.4 GB there; the whole file takes about
+10 minutes on 2 idle cores); ``24gb`` (for a GPU machine) adds FNSFT's largest size in 24 GB at 32 768
+features (:func:`fnsft_peak_bytes`) and ours alone at twice those tokens and at 51 200 × 131 072.
 
 FNSFT's memory, by its code: the capture keeps per-layer and per-step copies of ``X`` (2 × ``T·F·4`` bytes)
 next to ``X`` itself, z-scoring adds ``Xz`` and a temporary, and sklearn's PCA centres a copy: about
@@ -106,7 +107,7 @@ def _sizes() -> list[Size]:
     which = os.environ.get("LOKI_ICA_SIZES", "ci")
     sizes = [Size(512, 1024), Size(1024, 2048)]
     if which in ("large", "24gb"):
-        sizes += [Size(2048, 4096), Size(4096, 8192), Size(8192, 16384)]
+        sizes += [Size(4096, 8192), Size(8192, 16384), Size(16384, 16384)]
     if which == "24gb":
         limit = _fnsft_limit_tokens(32768)
         sizes += [Size(limit, 32768), Size(2 * limit, 32768, ("stream",)), Size(51200, 131072, ("stream",))]

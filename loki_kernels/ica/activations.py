@@ -101,7 +101,8 @@ def activation_source(model: nn.Module, batches: Batches, downs: list[Projection
     """A source for :mod:`.pca`: each call runs the model over ``batches`` once, yielding one block per batch.
 
     A block is ``[kept tokens, len(downs) · hidden]`` in ``dtype`` on the model's device; batches whose
-    positions are all padded yield an empty block.
+    positions are all padded yield an empty block. The model runs in eval mode (its mode is restored after
+    each pass).
     """
     passes = batch_passes(batches)
     param = next(model.parameters(), None)
@@ -123,6 +124,8 @@ def activation_source(model: nn.Module, batches: Batches, downs: list[Projection
             return hook
 
         handles = [d.module.register_forward_hook(hook_for(i, d.module)) for i, d in enumerate(downs)]
+        training = model.training
+        model.eval()  # no dropout (FNSFT's model.eval()); the mode is restored after the pass
         try:
             for batch in passes():
                 ids, mask = _batch_tensors(batch, device)
@@ -146,6 +149,7 @@ def activation_source(model: nn.Module, batches: Batches, downs: list[Projection
         finally:
             for h in handles:
                 h.remove()
+            model.train(training)
 
     return run
 

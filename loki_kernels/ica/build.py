@@ -14,12 +14,22 @@ Pipeline (FNSFT's semantics, kfac_ica.md §2.1):
 6. per component, the features with ``|A[:, c]| >= percentile(|A[:, c]|, p)`` (numpy's linear percentile
    over all layers at once) mapped back to ``(layer, channel)``: :class:`~.templates.Templates`.
 
-Differences from FNSFT: FNSFT skips PCA when ``X`` has at most ``max_pca_components`` columns and fewer than
-2³¹ elements and runs FastICA on ``X`` directly; FastICA whitens to the top ``n_components`` principal
-directions itself, so both routes give the same maps (up to rounding and the signs/order of components).
-We always take the PCA route. ``n_components > n_pca`` raises (sklearn would warn and reduce it). The
-moments are float64 (FNSFT: float32 numpy). FNSFT's PCA is sklearn's ``PCA(random_state=0)``, which picks a
-randomized solver by itself for large problems; ours is explicit (``mode``).
+Differences from FNSFT:
+
+* FNSFT skips PCA when ``X`` has at most ``max_pca_components`` columns and fewer than 2³¹ elements and runs
+  FastICA on ``X`` directly. FastICA whitens onto the top ``n_components`` principal directions itself, so
+  both routes give the same maps; we always take the PCA route and whiten the scores with the known
+  principal axes (:func:`score_whitening`), with the signs FNSFT's direct route gets. FNSFT's PCA route
+  instead lets FastICA re-derive the axes from the scores, where rounding noise picks their signs (the
+  fit then takes another path to, on well-posed data, the same components in another order).
+* ``n_components > n_pca`` raises (sklearn would warn and reduce it).
+* The moments are float64 (FNSFT: float32 numpy).
+* FNSFT's PCA is sklearn's ``PCA(random_state=0)``, which picks a randomized solver (4 or 7 power
+  iterations) by itself for large problems; ours is explicit (``mode``, ``power_iterations``).
+
+FastICA's result depends on the data being well posed: on activations without clear non-Gaussian sources
+(a random tiny model) FNSFT's own fit often stops at ``max_iter`` and its templates change with float
+rounding, so equality with it can only be expected where its fit converges (``meta["ica_converged"]``).
 """
 
 from __future__ import annotations
@@ -124,7 +134,8 @@ def score_whitening(pca: PCAResult, n_components: int) -> Tensor:
     sign = torch.sign(pca.components[:k, 0])
     sign[sign == 0] = 1
     whitening = torch.zeros(k, n, dtype=pca.scores.dtype, device=pca.scores.device)
-    whitening[torch.arange(k), torch.arange(k)] = sign / pca.singular_values[:k]
+    diagonal = torch.arange(k, device=whitening.device)
+    whitening[diagonal, diagonal] = sign / pca.singular_values[:k]
     return whitening
 
 
@@ -138,6 +149,10 @@ def decompose(source: Source, *, n_components: int = 10, max_pca_components: int
         raise ValueError(f"n_components must be a positive integer, got {n_components!r}")
     if isinstance(max_pca_components, bool) or not isinstance(max_pca_components, int) or max_pca_components < 1:
         raise ValueError(f"max_pca_components must be a positive integer, got {max_pca_components!r}")
+    if power_iterations < 0 or oversample < 0:
+        raise ValueError(f"power_iterations and oversample must be >= 0, got {power_iterations}, {oversample}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     moments = feature_moments(source, progress=progress)
     n_pca = pca_dimension(max_pca_components, moments.mean.shape[0], moments.n)
     if n_components > n_pca:
@@ -162,12 +177,20 @@ def build_templates(model: nn.Module, batches: Batches, *, n_components: int = 1
     """ICA functional-network templates of ``model`` over ``batches`` (FNSFT's global templates).
 
     ``batches``: a list of ``{"input_ids", "attention_mask"?}`` dicts, or a callable returning a fresh iterator
-    of them (stream mode runs the model ``3 + 2·power_iterations`` times, 2–3 when the sketch would span all
-    tokens or features; exact mode twice). ``layers``:
-    decoder layers to capture (default all). Deterministic given ``seed`` (the PCA test matrix and the FastICA
-    initialisation). Memory: see :func:`loki_kernels.ica.pca.stream_memory_bytes`. ``cache_activations``: run
-    the model once and keep its activations for the later passes (``tokens × features`` elements more on the
-    model's device; for when the forward, not memory, is the bottleneck, e.g. on a CPU).
+    of them (stream mode runs the model ``3 + 2·power_iterations`` times, 2–3 when the sketch (nearly) spans
+    all tokens or features; exact mode twice). ``layers``: decoder layers to capture (default all). ``dtype``:
+    of the activations and the PCA (float32, FNSFT's ``ica_dtype``, or float64). Deterministic given ``seed``
+    (the PCA test matrix and the FastICA initialisation). Memory: :func:`loki_kernels.ica.stream_memory_bytes`.
+
+    Speed: only the leading ``n_components`` principal axes reach the templates (FastICA whitens onto them),
+    so ``max_pca_components`` (FNSFT's 1000 by default) only sets how accurately the sketch finds them. On
+    SmolLM2-135M activations (4096 tokens × 17 280 features, 2-core CPU) the defaults matched the exact PCA's
+    templates at a mean IoU of 0.998 in 1.5× less time than FNSFT; ``max_pca_components=100,
+    power_iterations=2`` at 0.995 in 6.7× less (``power_iterations=0`` with 1000: 0.96, 2.8×).
+
+    ``cache_activations``: run the model once and keep its activations for the later passes (``tokens ×
+    features`` elements more on the model's device; for when the forward, not memory, is the bottleneck,
+    e.g. on a CPU).
     """
     if not 0 <= percentile <= 100:
         raise ValueError(f"percentile must be in [0, 100], got {percentile}")

@@ -14,8 +14,8 @@ yield the same rows in the same order (checked by count).
   ``3 + 2·power_iterations`` passes in all; nothing of size ``tokens × features`` is ever formed.
   ``orth`` and the SVD of ``B`` go through float64 Gram matrices of the ``l`` columns
   (:func:`orthonormal_basis`, :func:`gram_svd`): GEMMs and an ``l × l`` eigendecomposition, several times
-  faster than Householder QR and LAPACK's SVD of a wide matrix on the CPU. When ``l`` columns would span all
-  tokens (``T ≤ l``) or all features (``F ≤ l``) the exact PCA is computed instead, in 1–2 passes.
+  faster than Householder QR and LAPACK's SVD of a wide matrix on the CPU. When ``l`` is at least 0.8 of
+  ``min(T, F)`` (sklearn's own switch to its full solver) the exact PCA is computed instead, in 1–2 passes.
   Only the leading ``n_components`` axes reach the templates (FastICA whitens onto them), so
   ``max_pca_components`` sets the sketch's accuracy for those, not the result's size.
 * :func:`exact_pca` (``mode="exact"``): the standardised matrix materialised and a full thin SVD (small
@@ -62,6 +62,9 @@ __all__ = [
 
 Source = Callable[[], Iterable[Tensor]]
 STD_FLOOR = 1e-8
+# A sketch of at least this fraction of min(tokens, features) columns is no cheaper than the exact PCA (the
+# threshold sklearn's PCA uses to pick its full solver): randomized_pca computes the exact one instead.
+SPANNING = 0.8
 
 
 @dataclass
@@ -221,8 +224,9 @@ def randomized_pca(source: Source, n_pca: int, moments: Moments, *, oversample: 
                    progress: bool = False) -> PCAResult:
     """PCA by a randomized range finder over ``3 + 2·power_iterations`` passes (see the module docstring).
 
-    When the sketch (``l = n_pca + oversample`` columns) would span all tokens or all features, the exact PCA
-    is computed instead, in fewer passes (:func:`_spanning_pca`).
+    When the sketch (``l = n_pca + oversample`` columns) would have at least ``SPANNING`` (0.8) of
+    ``min(tokens, features)`` columns, the exact PCA is computed instead, in fewer passes
+    (:func:`_spanning_pca`).
 
     Orthonormalisation (:func:`orthonormal_basis`) and the SVD of ``B`` (:func:`gram_svd`) go through float64
     Gram matrices of the ``l`` sketch columns. If the data's rank is below ``n_pca`` the trailing axes,
@@ -257,7 +261,7 @@ def randomized_pca(source: Source, n_pca: int, moments: Moments, *, oversample: 
         _check_rows(row, tokens)
         return acc
 
-    if width >= tokens or width >= features:
+    if width >= SPANNING * min(tokens, features):
         del omega
         return _spanning_pca(source, n_pca, moments, dtype, progress, times)
     q = orthonormal_basis(times(omega))
@@ -279,11 +283,11 @@ def randomized_pca(source: Source, n_pca: int, moments: Moments, *, oversample: 
 
 
 def _spanning_pca(source: Source, n_pca: int, moments: Moments, dtype, progress: bool, times) -> PCAResult:
-    """The sketch would span every token or every feature: the exact PCA in one or two passes instead.
+    """The sketch would (nearly) span every token or every feature: the exact PCA in one or two passes instead.
 
-    ``tokens ≤ l``: ``B = Xs`` itself (``T × F``, no larger than the sketch's ``B``) and its Gram SVD.
-    ``features ≤ l < tokens``: the float64 covariance ``Xsᵀ·Xs`` (``F × F``) in one pass, its eigenvectors as
-    the axes, and the scores ``Xs·V`` in a second (sklearn's ``covariance_eigh`` solver).
+    ``tokens ≤ features``: ``Xs`` itself (``T × F``, at most 1.25× the sketch's ``B``) and its Gram SVD.
+    ``features < tokens``: the float64 covariance ``Xsᵀ·Xs`` (``F × F``) in one pass, its eigenvectors as the
+    axes, and the scores ``Xs·V`` in a second (sklearn's ``covariance_eigh`` solver).
     """
     tokens, features = moments.n, moments.mean.shape[0]
     mean, std = moments.mean.to(dtype), moments.std.to(dtype)

@@ -141,13 +141,13 @@ def test_svd_helpers(shape):
 
 def test_rank_deficient_data():
     """Dependent features: the sketch drops the null directions and pads the PCA with zero axes."""
-    base = torch.randn(80, 6, dtype=torch.float64)
-    x = torch.cat([base, base @ torch.randn(6, 6, dtype=torch.float64) + 1], dim=1)  # rank 6 over 12 features
-    source = blocks_of(x, [40, 40])
+    base = torch.randn(200, 6, dtype=torch.float64)
+    x = torch.cat([base, base @ torch.randn(6, 34, dtype=torch.float64) + 1], dim=1)  # rank 6 over 40 features
+    source = blocks_of(x, [100, 100])
     moments = feature_moments(source)
-    sketched = randomized_pca(source, 10, moments, oversample=2, dtype=torch.float64)
+    sketched = randomized_pca(source, 10, moments, oversample=2, dtype=torch.float64)  # 12 < 0.8 * 40 columns
     exact = exact_pca(source, 10, moments, dtype=torch.float64)
-    assert sketched.components.shape == (10, 12) and sketched.scores.shape == (80, 10)
+    assert sketched.components.shape == (10, 40) and sketched.scores.shape == (200, 10)
     assert (sketched.singular_values[6:] == 0).all() and (sketched.components[6:] == 0).all()
     assert rel_err(sketched.singular_values[:6], exact.singular_values[:6]) < 1e-10
     assert rel_err(sketched.scores[:, :6], exact.scores[:, :6]) < 1e-8
