@@ -1,12 +1,45 @@
-"""File helpers every long-running writer shares: an exclusive lock on an output path."""
+"""File helpers every writer shares: atomic writes, and an exclusive lock on an output path."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
-__all__ = ["FileLock"]
+__all__ = ["FileLock", "atomic_write", "write_text_atomic"]
+
+
+def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> Path:
+    """``write(tmp)`` fills a temporary file next to ``path``, which is then renamed over ``path``.
+
+    Readers see the old file or the whole new one, never a part; on any error (also KeyboardInterrupt) the
+    temporary file is removed and ``path`` is untouched. The file gets mode 0644 (``mkstemp``'s 0600 is for
+    the temporary name only). ``path``'s directory must exist. Returns ``path``.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def write_text_atomic(path: Union[str, os.PathLike], text: str) -> Path:
+    """:func:`atomic_write` of a UTF-8 text (flushed to disk before the rename)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return atomic_write(path, write)
 
 
 class FileLock:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import numbers
 import os
-import secrets
 from collections.abc import Iterable, Mapping
 from typing import Union
+
+from .files import write_text_atomic
 
 TargetPosLike = Union[str, os.PathLike, Mapping, Iterable]
 
@@ -113,20 +114,8 @@ def save_target_pos(target_pos, path: Union[str, os.PathLike]) -> None:
         raise ValueError("target_pos must list at least one layer")
     text = json.dumps(layers, indent=4) + "\n"
 
-    path = os.fspath(path)
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    write_text_atomic(path, text)
 
 
 def _row_list(rows, where: str) -> list[int]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import numbers
 import os
-import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -38,6 +37,7 @@ import numpy as np
 from torch import nn
 
 from ..arch import find_down_projs
+from ..files import write_text_atomic
 
 __all__ = [
     "Templates",
@@ -97,20 +97,8 @@ class Templates:
 def save_templates(templates: Templates, path: Union[str, os.PathLike]) -> None:
     """Write ``templates`` as FNSFT's JSON (``indent=2``), atomically: a temporary file renamed over ``path``."""
     text = json.dumps(templates.to_dict(), indent=2) + "\n"
-    path = os.fspath(path)
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    write_text_atomic(path, text)
 
 
 def load_templates(path: Union[str, os.PathLike]) -> Templates:

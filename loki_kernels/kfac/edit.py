@@ -38,7 +38,6 @@ import numbers
 import os
 import re
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional, Union
 
@@ -47,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..arch import find_mlps, row_view
+from ..files import atomic_write
 from .factors import MODULES, Factors
 
 __all__ = [
@@ -454,15 +454,8 @@ def _load_cached(path: Path, weight: Tensor) -> Optional[tuple[Tensor, int]]:
 def _save_cached(path: Path, edited: Tensor, kept: int) -> None:
     from safetensors.torch import save_file
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"weight": edited.detach().contiguous().cpu()}, tmp, metadata={"kept": str(kept)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_file({"weight": edited.detach().contiguous().cpu()}, tmp,
+                                             metadata={"kept": str(kept)}))
 
 
 def apply_edit(model: nn.Module, factors: Factors, plan: Mapping, *, method: str = "product",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -17,6 +16,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ..files import atomic_write
 from .common import check_batch_size, check_rows, evaluating, progress_bar
 
 __all__ = ["NDCGBaseline", "model_hash", "tokens_hash", "ndcg_baseline", "save_ndcg_baseline", "load_ndcg_baseline",
@@ -99,15 +99,7 @@ def save_ndcg_baseline(baseline: NDCGBaseline, path: PathLike) -> Path:
     metadata = {"format": BASELINE_FORMAT, "k": str(baseline.k), "seq_len": str(baseline.seq_len),
                 "tokens_hash": baseline.tokens_hash, "model_hash": baseline.model_hash,
                 "model_dtype": baseline.model_dtype}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"top_ids": baseline.top_ids.contiguous()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for the temporary name only
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: save_file({"top_ids": baseline.top_ids.contiguous()}, tmp, metadata=metadata))
     baseline.path = path
     return path
 

@@ -20,13 +20,12 @@ line by line). Everything is read and checked before the model is loaded; a mist
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
+
+from loki_kernels.files import write_text_atomic
 
 from .cli import UserError
 
@@ -243,13 +242,4 @@ def _print_table(rows) -> None:
 
 def _write_json(results: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for the temporary name only
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+    write_text_atomic(path, json.dumps(results, indent=2) + "\n")

@@ -50,9 +50,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,13 +61,33 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from loki_kernels import count_parameters, find_down_projs, lesion, patch_model, unpatch_model
-from loki_kernels.ica import Templates, activation_source, decompose, positions, select_layers, silenced
-from loki_kernels.ica import templates_from_maps
+from loki_kernels.files import atomic_write
+from loki_kernels.ica import (
+    Templates,
+    activation_source,
+    decompose,
+    positions,
+    select_layers,
+    silenced,
+    templates_from_maps,
+)
 
 from .demo import LR_SWEEP as DEMO_LR_SWEEP
 from .demo import (
-    SYLLABLES, Batch, DemoArgs, Task, World, accuracy, choose_lr, encode, forgetting_score, make_world,
-    mean_sd, pretrain, tiny_llama, word_tokenizer,
+    SYLLABLES,
+    Batch,
+    DemoArgs,
+    Task,
+    World,
+    accuracy,
+    choose_lr,
+    encode,
+    forgetting_score,
+    make_world,
+    mean_sd,
+    pretrain,
+    tiny_llama,
+    word_tokenizer,
 )
 
 __all__ = [
@@ -388,21 +406,8 @@ def plot(lesions: list[dict], tasks: list[str], summary: list[list[FinetuneResul
     axes[1].legend(fontsize=7)
     fig.suptitle("ICA functional networks on a tiny Llama: lesions and preserve + anti-drift fine-tuning")
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-
-
-def _atomic(path: Path, write) -> None:
-    """``write(tmp)`` into a temporary file next to ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # -------------------------------------------------------------------------------------------- driver
@@ -574,8 +579,8 @@ def run_ica_demo(args: IcaDemoArgs) -> dict:
         "per_seed": [{**s, "finetune": [asdict(r) for r in s["finetune"]]} for s in per_seed],
         "seconds": time.perf_counter() - start,
     }
-    _atomic(out / "results.txt", lambda tmp: Path(tmp).write_text(text + "\n"))
-    _atomic(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+    atomic_write(out / "results.txt", lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
     plot(lesions, task_names, summary, sweep, out / "ica_demo.png")
     print(f"tables, JSON and plot written to {out}/ ({result['seconds']:.0f} s)")
     return result

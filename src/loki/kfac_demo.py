@@ -54,9 +54,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +64,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from loki_kernels.arch import find_mlps, row_view
+from loki_kernels.files import atomic_write
 from loki_kernels.kfac import Edit, Factors, apply_edit, collect_factors, eigen, select_pairs
 from loki_kernels.kfac.edit import SKIP_RHO
 from loki_kernels.metrics import Window, memorization, ndcg, ndcg_baseline, perplexity
@@ -447,21 +446,8 @@ def plot_kfac(rows: list[dict], path: Path) -> None:
     fig.suptitle("K-FAC curvature edit of a tiny Llama: the paper's product edit vs same-size controls "
                  f"(mean ± sd over {len(base['runs'])} seed{'s' if len(base['runs']) > 1 else ''})")
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-
-
-def _atomic(path: Path, write) -> None:
-    """``write(tmp)`` into a temporary file next to ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # -------------------------------------------------------------------------------------------- driver
@@ -568,8 +554,8 @@ def run_kfac_demo(args: KfacDemoArgs) -> dict:
     result = {"seeds": seeds, "settings": settings, "model": dict(MODEL),
               "edited": {"layers": list(args.layers), "modules": list(EDIT_MODULES)}, "training": training,
               "rows": rows, "seconds": time.perf_counter() - start}
-    _atomic(out / "results.txt", lambda tmp: Path(tmp).write_text(table + "\n", encoding="utf-8"))
-    _atomic(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n",
+    atomic_write(out / "results.txt", lambda tmp: Path(tmp).write_text(table + "\n", encoding="utf-8"))
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n",
                                                                     encoding="utf-8"))
     plot_kfac(rows, out / "kfac_demo.png")
     print(f"table, JSON and plot written to {out}/ ({result['seconds']:.0f} s)")
