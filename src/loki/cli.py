@@ -41,6 +41,35 @@ def _model(value):
     return resolve_model(value) if value in REAL_MODELS else value
 
 
+def find_model_dir(value: str) -> Path:
+    """A ``--model-path`` value: ``smollm2`` (any name in ``loki.real_models.REAL_MODELS``) gives its converted
+    directory in the cache; anything else must be an existing path."""
+    from .real_models import REAL_MODELS, resolve_model
+
+    if value in REAL_MODELS:
+        return resolve_model(value)
+    path = Path(value)
+    if not path.exists():
+        raise UserError(f"model not found: {path}")
+    return path
+
+
+def load_model(path: Path, args: argparse.Namespace):
+    """The causal LM in ``path`` in ``--torch-dtype``, on ``--device`` (default: CUDA when there is one), in
+    eval mode; transformers' bars off (:func:`no_progress_bars`); a bad device is a :class:`UserError`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = "auto" if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype)
+    with no_progress_bars(args):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    try:
+        return model.to(device).eval()
+    except (RuntimeError, AssertionError) as e:  # an unknown or absent device
+        raise UserError(f"--device {device}: {str(e).splitlines()[0]}") from None
+
+
 def _existing(path: Path, what: str) -> Path:
     if not path.exists():
         raise UserError(f"{what} not found: {path}")
@@ -48,7 +77,7 @@ def _existing(path: Path, what: str) -> Path:
 
 
 @contextlib.contextmanager
-def _no_progress_bars(args: argparse.Namespace):
+def no_progress_bars(args: argparse.Namespace):
     """transformers' bars ("Loading weights") write to stderr, where an error must be the only line: off unless
     ``--log-level`` is INFO or DEBUG."""
     from transformers.utils import logging as hf_logging
@@ -106,7 +135,7 @@ def run_create_model(args: argparse.Namespace) -> int:
         if source != config_cls.base_model_type:
             raise UserError(f"--model-type {args.model_type} disagrees with {args.model_name}'s config (model type "
                             f"{source!r}); pass --model-type {source} or leave it out")
-    with _no_progress_bars(args):
+    with no_progress_bars(args):
         create_loki_model(
             loki_model_class=model_cls,
             loki_config_cls=config_cls,
@@ -126,7 +155,7 @@ def run_restore_model(args: argparse.Namespace) -> int:
 
     _existing(args.model_path, "LoKI model")
     _existing(args.target_pos_path, "target position file")
-    with _no_progress_bars(args):
+    with no_progress_bars(args):
         restore_loki_model(
             target_pos_path=args.target_pos_path,
             model_path=args.model_path,

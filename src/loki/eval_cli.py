@@ -27,7 +27,7 @@ from pathlib import Path
 
 from loki_kernels.files import write_text_atomic
 
-from .cli import UserError
+from .cli import UserError, find_model_dir, load_model
 
 __all__ = ["add_eval_command", "run_eval"]
 
@@ -99,17 +99,6 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UserError(f"{flag} {path} is a directory")
 
 
-def _model_dir(value: str) -> Path:
-    from .real_models import REAL_MODELS, resolve_model
-
-    if value in REAL_MODELS:
-        return resolve_model(value)
-    path = Path(value)
-    if not path.exists():
-        raise UserError(f"model not found: {path}")
-    return path
-
-
 class _Tokenizer:
     """The model directory's tokenizer, loaded on first use (token-id windows alone need none)."""
 
@@ -153,7 +142,7 @@ def run_eval(args: argparse.Namespace) -> int:
     _check_args(args)
     from loki_kernels import metrics
 
-    model_dir = _model_dir(args.model_path)
+    model_dir = find_model_dir(args.model_path)
     tokenizer = _Tokenizer(model_dir)
     windows = None if args.memorization is None else _windows(args.memorization, tokenizer)
     ndcg_tokens = None if args.ndcg is None else _corpus(args.ndcg, tokenizer, args, "--ndcg")
@@ -163,7 +152,7 @@ def run_eval(args: argparse.Namespace) -> int:
         baseline = metrics.load_ndcg_baseline(args.ndcg_baseline)
         metrics.check_ndcg_baseline(baseline, ndcg_tokens, args.ndcg_k)
 
-    model = _load_model(model_dir, args)
+    model = load_model(model_dir, args)
     progress = sys.stderr.isatty()
     results: dict = {"model": str(args.model_path), "model_dir": str(model_dir),
                      "device": str(next(model.parameters()).device),
@@ -210,27 +199,6 @@ def run_eval(args: argparse.Namespace) -> int:
         _write_json(results, args.output)
         print(f"results written to {args.output}")
     return 0
-
-
-def _load_model(model_dir: Path, args: argparse.Namespace):
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = "auto" if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype)
-    quiet = args.log_level not in ("INFO", "DEBUG") and hf_logging.is_progress_bar_enabled()
-    if quiet:  # transformers' "Loading weights" bar would share stderr with a possible error line
-        hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    finally:
-        if quiet:
-            hf_logging.enable_progress_bar()
-    try:
-        return model.to(device).eval()
-    except (RuntimeError, AssertionError) as e:  # an unknown or absent device
-        raise UserError(f"--device {device}: {str(e).splitlines()[0]}") from None
 
 
 def _print_table(rows) -> None:

@@ -37,7 +37,7 @@ import random
 import sys
 from pathlib import Path
 
-from .cli import UserError
+from .cli import UserError, find_model_dir, load_model
 
 __all__ = ["add_ica_commands", "run_build_templates", "run_positions"]
 
@@ -123,7 +123,7 @@ def run_build_templates(args: argparse.Namespace) -> int:
     if not 0 <= args.percentile <= 100:
         raise UserError(f"--percentile must be in [0, 100], got {args.percentile}")
     _check_output(args.output, args.overwrite, "--output")
-    model_dir = _model_dir(args.model_path)
+    model_dir = find_model_dir(args.model_path)
     config = _config(model_dir)
     _check_layers(args.layers, config)
 
@@ -148,7 +148,7 @@ def run_build_templates(args: argparse.Namespace) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     data = batches(sequences, args.batch_size, pad)
 
-    model = _load_model(model_dir, args)
+    model = load_model(model_dir, args)
     try:
         templates = build_templates(model, data, n_components=args.components, percentile=args.percentile,
                                     layers=args.layers, max_pca_components=args.max_pca_components, seed=args.seed,
@@ -229,7 +229,7 @@ def _check_against_model(templates, model_path: str) -> int:
     from loki_kernels.arch import model_dims
     from loki_kernels.ica import check_templates
 
-    config = _config(_model_dir(model_path))
+    config = _config(find_model_dir(model_path))
     with torch.device("meta"):  # the architecture without weights: layers and widths are all that is read
         model = AutoModelForCausalLM.from_config(config)
     try:
@@ -240,17 +240,6 @@ def _check_against_model(templates, model_path: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _model_dir(value: str) -> Path:
-    from .real_models import REAL_MODELS, resolve_model
-
-    if value in REAL_MODELS:
-        return resolve_model(value)
-    path = Path(value)
-    if not path.exists():
-        raise UserError(f"model not found: {path}")
-    return path
-
-
 def _config(model_dir: Path):
     from .model_utils import load_config
 
@@ -280,27 +269,6 @@ def _tokenizer(model_dir: Path):
     except (OSError, ValueError, TypeError, KeyError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{model_dir}: no tokenizer to read --data with ({message})") from None
-
-
-def _load_model(model_dir: Path, args: argparse.Namespace):
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = "auto" if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype)
-    bars = hf_logging.is_progress_bar_enabled() and args.log_level not in ("INFO", "DEBUG")
-    if bars:  # "Loading weights" would write to stderr, where an error must be the only line
-        hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    try:
-        return model.to(device).eval()
-    except (RuntimeError, AssertionError) as e:  # an unknown or absent device
-        raise UserError(f"--device {device}: {str(e).splitlines()[0]}") from None
 
 
 def _check_output(path: Path, overwrite: bool, flag: str) -> None:

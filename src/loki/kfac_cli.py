@@ -53,7 +53,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .cli import UserError
+from .cli import UserError, find_model_dir, load_model, no_progress_bars
 
 __all__ = ["add_kfac_commands", "run_collect", "run_edit", "run_select", "EDIT_RECORD"]
 
@@ -165,7 +165,7 @@ def run_collect(args: argparse.Namespace) -> int:
 
     _check_data_args(args)
     _check_output(args.output, args.overwrite)
-    model_dir = _model_dir(args.model_path)
+    model_dir = find_model_dir(args.model_path)
     config = _config(model_dir)
     num_layers = _check_seq_len(config, args.seq_len)
     seen = set()
@@ -180,7 +180,7 @@ def run_collect(args: argparse.Namespace) -> int:
     tokenizer = _tokenizer(model_dir, needed=True)
     data = _batches(args, tokenizer)
 
-    model = _load_model(model_dir, args)
+    model = load_model(model_dir, args)
     mlps = find_mlps(model)
     modules = args.modules or [m for m in MODULES if all(getattr(mlps[i], m) is not None for i in args.layers)]
     try:
@@ -210,7 +210,7 @@ def run_edit(args: argparse.Namespace) -> int:
 
     from .model_utils import OutputDir
 
-    model_dir = _model_dir(args.model_path)
+    model_dir = find_model_dir(args.model_path)
     output = OutputDir(args.save_dir, overwrite=args.overwrite, sources=(model_dir,))
     output.check()
     for path in args.factors:
@@ -226,7 +226,7 @@ def run_edit(args: argparse.Namespace) -> int:
         raise UserError(f"--plan edits nothing: every rho is at least {SKIP_RHO} (or the plan is empty)")
     tokenizer = _tokenizer(model_dir, needed=False)
 
-    model = _load_model(model_dir, args)
+    model = load_model(model_dir, args)
     try:
         done = apply_edit(model, factors, plan, method=args.method, complement=args.ablate,
                           cache_dir=args.cache_dir, progress=_progress())
@@ -255,7 +255,7 @@ def run_edit(args: argparse.Namespace) -> int:
         record.append(entry)
         rows.append((f"layer {layer} {module}", f"rho {rho:g}", note))
 
-    with output as tmp, _no_transformers_bars(args):
+    with output as tmp, no_progress_bars(args):
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -384,7 +384,7 @@ def run_select(args: argparse.Namespace) -> int:
         raise UserError(f"--quota must be in (0, 100], got {args.quota:g}")
     _check_data_args(args)
     _check_output(args.output, args.overwrite)
-    model_dir = _model_dir(args.model_path)
+    model_dir = find_model_dir(args.model_path)
     config = _config(model_dir)
     _check_seq_len(config, args.seq_len)
     hidden, num_layers = model_dims(config)
@@ -395,7 +395,7 @@ def run_select(args: argparse.Namespace) -> int:
     tokenizer = _tokenizer(model_dir, needed=True)
     data = _batches(args, tokenizer)
 
-    model = _load_model(model_dir, args)
+    model = load_model(model_dir, args)
     try:
         scores = row_scores(model, data, fisher=args.fisher, seed=args.seed, progress=_progress())
     except ValueError as e:
@@ -477,17 +477,6 @@ def _batches(args: argparse.Namespace, tokenizer) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------- model
-def _model_dir(value: str) -> Path:
-    from .real_models import REAL_MODELS, resolve_model
-
-    if value in REAL_MODELS:
-        return resolve_model(value)
-    path = Path(value)
-    if not path.exists():
-        raise UserError(f"model not found: {path}")
-    return path
-
-
 def _config(model_dir: Path):
     from .model_utils import load_config
 
@@ -514,36 +503,6 @@ def _tokenizer(model_dir: Path, needed: bool):
             return None
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{model_dir}: no tokenizer to read --data with ({message})") from None
-
-
-def _load_model(model_dir: Path, args: argparse.Namespace):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = "auto" if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype)
-    with _no_transformers_bars(args):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    try:
-        return model.to(device).eval()
-    except (RuntimeError, AssertionError) as e:  # an unknown or absent device
-        raise UserError(f"--device {device}: {str(e).splitlines()[0]}") from None
-
-
-@contextlib.contextmanager
-def _no_transformers_bars(args: argparse.Namespace):
-    """transformers' bars ("Loading weights", "Writing model shards") write to stderr, where an error must be the
-    only line: off unless ``--log-level`` is INFO or DEBUG."""
-    from transformers.utils import logging as hf_logging
-
-    if args.log_level in ("INFO", "DEBUG") or not hf_logging.is_progress_bar_enabled():
-        yield
-        return
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.enable_progress_bar()
 
 
 # --------------------------------------------------------------------------------------------- files
